@@ -1,2 +1,39 @@
-"""posttrain: post-training for transformer language models."""
+"""posttrain: post-training for transformer language models (SFT, preference optimization, reward models,
+online RL, distillation), native to the Hugging Face stack.
+
+Public names are imported lazily, so `import posttrain` stays cheap and `posttrain --help` is quick.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it (one line per name; add yours here)
+_EXPORTS: dict[str, str] = {
+    "PostTrainConfig": "posttrain.trainers.base",
+    "PostTrainer": "posttrain.trainers.base",
+    "SFTConfig": "posttrain.trainers.sft",
+    "SFTTrainer": "posttrain.trainers.sft",
+    "RewardConfig": "posttrain.trainers.reward",
+    "RewardTrainer": "posttrain.trainers.reward",
+    "PRMConfig": "posttrain.trainers.prm",
+    "PRMTrainer": "posttrain.trainers.prm",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'posttrain' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+__all__ = list(_EXPORTS)

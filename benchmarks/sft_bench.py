@@ -1,0 +1,96 @@
+"""SFT throughput and memory on a benchmark-shaped model, with posttrain's defaults.
+
+Model: hidden 256, 4 layers, head_dim 64, vocabulary 32768 (`tiny:bench`), float32 on CPU.
+Data: variable-length chats (user turns 5-60 words, assistant turns 10-250 words), batch 8, max length 512,
+one epoch. Prints real (non-pad) tokens/s, peak RSS and model-FLOPs utilization against an fp32 matmul
+peak measured in the same run.
+
+    python benchmarks/sft_bench.py [--rows 96] [--padding_free 0|1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import make_chat_dataset, measure_matmul_peak, model_flops_per_token, peak_rss_bytes, print_report  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=96, help="conversations in the epoch")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--padding_free", type=int, default=None, help="override the default (1)")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import TrainerCallback
+
+    from posttrain import SFTConfig, SFTTrainer
+    from posttrain.models import build_tiny
+
+    peak_flops = measure_matmul_peak(torch.float32)
+    model, tokenizer = build_tiny("bench", seed=0)
+    data = make_chat_dataset(args.rows, seed=0)
+    overrides = {} if args.padding_free is None else {"padding_free": bool(args.padding_free)}
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="sft-bench-"), per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length, num_train_epochs=1, save_strategy="no", report_to="none", logging_steps=1000,
+        disable_tqdm=True, **overrides,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    real_tokens = sum(len(r["input_ids"]) for r in trainer.train_dataset)
+    seq_len = real_tokens / len(trainer.train_dataset)
+
+    class StepTimer(TrainerCallback):
+        """Times steps after the first (warm-up) one."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self._t)
+
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    tokens_per_s = real_tokens / wall
+    flops_per_token = model_flops_per_token(model.config, seq_len, training=True)
+    figures = {
+        "model": "tiny:bench (hidden 256, 4 layers, head_dim 64, vocab 32768)",
+        "params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "padding_free": config.padding_free,
+        "rows": len(trainer.train_dataset),
+        "steps": trainer.state.global_step,
+        "real tokens": real_tokens,
+        "mean sequence length": round(seq_len, 1),
+        "epoch wall time (s)": round(wall, 2),
+        "median step time (s)": round(sorted(timer.times)[len(timer.times) // 2], 3) if timer.times else None,
+        "real tokens/s": round(tokens_per_s, 1),
+        "peak RSS (GB)": round(peak_rss_bytes() / 1e9, 3),
+        "matmul peak fp32 (GFLOP/s)": round(peak_flops / 1e9, 1),
+        "model GFLOP/s": round(tokens_per_s * flops_per_token / 1e9, 1),
+        "MFU": f"{100 * tokens_per_s * flops_per_token / peak_flops:.1f}%",
+        "torch threads": torch.get_num_threads(),
+    }
+    print_report(figures, title="posttrain SFT benchmark")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

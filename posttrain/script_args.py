@@ -1,0 +1,99 @@
+"""Arguments every `posttrain <method>` command takes besides the method's config: the model, the data and
+the PEFT adapter. Kept apart from the configs so that the Python API stays TRL-shaped (model and datasets are
+trainer arguments, not config fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+__all__ = ["ScriptArguments", "load_script_datasets", "peft_config_from_args"]
+
+
+@dataclass
+class ScriptArguments:
+    """Model, data and adapter options of the command line."""
+
+    model_name_or_path: str = field(
+        default="tiny:small",
+        metadata={"help": "Model to train: tiny:<spec> (built locally), a local folder or a hub name."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer, when it differs from the model's."}
+    )
+    dataset_name: str = field(
+        default="task:arithmetic",
+        metadata={"help": "Training data: task:arithmetic[:<format>[:chat]] (built-in, generated locally), a local "
+                  ".json/.jsonl/.parquet/.csv file or folder, or a hub dataset name."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(
+        default="test", metadata={"help": "Split to evaluate on, when the data has it (None: no evaluation)."}
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "A separate evaluation file or hub dataset (uses dataset_test_split)."}
+    )
+    task_digits: int = field(default=2, metadata={"help": "Built-in arithmetic task: digits per operand."})
+    task_train_size: int = field(default=2000, metadata={"help": "Built-in task: training rows."})
+    task_test_size: int = field(default=200, metadata={"help": "Built-in task: held-out rows."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str | None = field(
+        default=None, metadata={"help": "Comma-separated module names for LoRA; default: all linear layers."}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the base model in 4 bit (needs bitsandbytes and a GPU)."})
+    merge_adapters: bool = field(default=False, metadata={"help": "After training, also save the adapter merged into the base weights."})
+
+
+def _task_datasets(name: str, args: ScriptArguments, default_format: str) -> tuple[datasets.Dataset, datasets.Dataset]:
+    from .tasks import ArithmeticTask
+
+    parts = name.split(":")
+    if len(parts) < 2 or parts[1] != "arithmetic":
+        raise ValueError(f"unknown built-in task {name!r}; available: task:arithmetic[:<format>[:chat]]")
+    fmt = parts[2] if len(parts) > 2 and parts[2] else default_format
+    conversational = len(parts) > 3 and parts[3] in ("chat", "conversational")
+    task = ArithmeticTask(digits=args.task_digits, seed=0, conversational=conversational)
+    splits = task.split(args.task_train_size, args.task_test_size, train_format=fmt, test_format=fmt)
+    return splits["train"], splits["test"]
+
+
+def load_script_datasets(
+    args: ScriptArguments, default_format: str = "prompt_completion"
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Training and (optional) evaluation datasets named by the command-line arguments."""
+    from .data import load_any
+
+    if args.dataset_name.startswith("task:"):
+        train, test = _task_datasets(args.dataset_name, args, default_format)
+        return train, (test if args.dataset_test_split else None)
+    kwargs: dict[str, Any] = {"name": args.dataset_config} if args.dataset_config else {}
+    train = load_any(args.dataset_name, split=args.dataset_train_split, **kwargs)
+    test = None
+    if args.eval_dataset_name:
+        test = load_any(args.eval_dataset_name, split=args.dataset_test_split or "test")
+    elif args.dataset_test_split:
+        try:
+            test = load_any(args.dataset_name, split=args.dataset_test_split, **kwargs)
+        except (KeyError, ValueError):
+            test = None  # the data has no such split: train without evaluation
+    return train, test
+
+
+def peft_config_from_args(args: ScriptArguments, task_type: str = "CAUSAL_LM") -> Any:
+    """A `peft.LoraConfig` from the command-line arguments, or None without `--use_peft`."""
+    if not args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    targets: Any = [m.strip() for m in args.lora_target_modules.split(",")] if args.lora_target_modules else "all-linear"
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, task_type=task_type)
+    if args.load_in_4bit:
+        config.load_in_4bit = True  # read by posttrain.models.apply_peft / load_model
+    return config

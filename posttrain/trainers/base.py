@@ -1,0 +1,270 @@
+"""What every posttrain trainer shares: the config base class and the Trainer base class.
+
+`PostTrainConfig` subclasses `transformers.TrainingArguments`, so every Trainer option (DeepSpeed, FSDP,
+report_to, checkpointing and resume) works unchanged. `PostTrainer` subclasses `transformers.Trainer` and adds
+what post-training needs on top: a model given by name (`tiny:<spec>`, a folder or a hub name), the
+tokenizer and its chat template, PEFT, dataset validation and tokenization through the shared data pipeline,
+and averaged per-method metrics logged through `report_to`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import datasets
+import torch
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from ..data import DatasetKind, FormatInfo, ensure_chat_template, load_any, validate_dataset
+from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
+from .callbacks import LossPlotCallback, RichProgressCallback
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PostTrainConfig", "PostTrainer"]
+
+
+def _bf16_default() -> bool:
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+@dataclass
+class PostTrainConfig(TrainingArguments):
+    """Fields shared by every posttrain method, on top of `transformers.TrainingArguments`.
+
+    Defaults differ from TrainingArguments where post-training wants otherwise: logging every 10 steps,
+    `remove_unused_columns=False` (trainers choose their own columns), bf16 only where a GPU supports it
+    (float32 on CPU, where bf16 matrix products are very slow).
+    """
+
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for loading the model when `model` is a name or path, as a dict "
+                  "or a JSON string, e.g. '{\"dtype\": \"bfloat16\", \"attn_implementation\": \"sdpa\"}'."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template: a registry name (chatml, llama2, llama3, mistral, zephyr, alpaca, vicuna, "
+                  "gemma, phi3, plain) or a Jinja string. Default: the tokenizer's own, else chatml."},
+    )
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Longest tokenized sequence; longer rows are truncated, counted and reported. None: no limit."},
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Flatten each batch into one row with per-sequence position ids (no padding tokens "
+                  "computed). Sequences never attend to each other."},
+    )
+    logits_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Tokens per chunk when computing log-probs from hidden states and the output head; "
+                  "the full [batch, length, vocab] logits are never held."},
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
+    # Overridden TrainingArguments defaults.
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps (or a ratio of all steps if < 1)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: posttrain trainers select the columns they need."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision. Default: on where a GPU supports it, off on CPU."}
+    )
+    dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin host memory in data loaders."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_init_kwargs, str):
+            try:
+                self.model_init_kwargs = json.loads(self.model_init_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r}: {err}")
+        if self.bf16 is None:
+            self.bf16 = _bf16_default()
+        if self.output_dir is None:
+            self.output_dir = f"runs/{type(self).__name__.removesuffix('Config').lower() or 'posttrain'}"
+        super().__post_init__()
+
+
+class PostTrainer(Trainer):
+    """Base class of every posttrain trainer.
+
+    Subclasses declare `accepted_formats` (the dataset kinds they train on) and implement
+    `tokenize_row(row, info) -> dict` (one dataset row to token ids and masks) plus `compute_loss`.
+    Metrics a subclass records with `store_metrics` are averaged over the logging interval and logged with
+    the Trainer's own logs (so they reach every `report_to` integration).
+    """
+
+    accepted_formats: ClassVar[Sequence[DatasetKind]] = ()
+    config_class: ClassVar[type[PostTrainConfig]] = PostTrainConfig
+    model_task: ClassVar[str] = "causal-lm"
+    _tag_names: ClassVar[list[str]] = ["posttrain"]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | torch.nn.Module,
+        args: PostTrainConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = self.config_class()
+        self.model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        model = self.load_model(model, args)
+        if processing_class is None:
+            processing_class = load_tokenizer(self.model_id or model.name_or_path)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        ensure_chat_template(tokenizer, args.chat_template)
+        self.tokenizer = tokenizer
+        if peft_config is not None:
+            model = apply_peft(model, peft_config)
+        if args.gradient_checkpointing and is_peft_model(model):
+            model.enable_input_require_grads()
+        self.args = args  # prepare_dataset reads it before Trainer.__init__ sets it
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._totals: dict[str, float] = defaultdict(float)
+        if train_dataset is not None:
+            train_dataset = self.prepare_dataset(train_dataset, "train")
+        if eval_dataset is not None:
+            if isinstance(eval_dataset, dict) and not isinstance(eval_dataset, datasets.Dataset):
+                eval_dataset = {k: self.prepare_dataset(v, f"eval/{k}") for k, v in eval_dataset.items()}
+            else:
+                eval_dataset = self.prepare_dataset(eval_dataset, "eval")
+        if data_collator is None:
+            data_collator = self.make_collator()
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            **kwargs,
+        )
+        if self.is_world_process_zero() and not args.disable_tqdm:
+            self.remove_callback(ProgressCallback)
+            self.remove_callback(PrinterCallback)
+            self.add_callback(RichProgressCallback())
+        if self.is_world_process_zero():
+            self.add_callback(LossPlotCallback())
+
+    # ----------------------------------------------------------------------------------------- model
+    def load_model(self, model: Any, args: PostTrainConfig) -> torch.nn.Module:
+        """Resolve `model` (a loaded model, `tiny:<spec>`, a folder or a hub name) into a model object."""
+        if not isinstance(model, str):
+            if args.model_init_kwargs:
+                logger.warning("model_init_kwargs are ignored because the model is already loaded")
+            return model
+        kwargs = dict(args.model_init_kwargs or {})
+        return load_model(model, task=self.model_task, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ data
+    def prepare_dataset(self, dataset: Any, name: str) -> datasets.Dataset:
+        """Load, validate and tokenize one dataset; report (never silently drop) truncated rows."""
+        dataset = load_any(dataset)
+        info = validate_dataset(dataset, self.accepted_formats)
+        dataset = self.preprocess_dataset(dataset, info)
+        tokenized = dataset.map(
+            lambda row: self.tokenize_row(row, info),
+            remove_columns=dataset.column_names,
+            num_proc=self.args.dataset_num_proc,
+            desc=f"Tokenizing {name} ({info.kind.value}{', conversational' if info.conversational else ''})",
+        )
+        if "truncated" in tokenized.column_names:
+            n_truncated = sum(tokenized["truncated"])
+            if n_truncated:
+                logger.warning(
+                    "%s: %d of %d rows were longer than max_length=%s and were truncated",
+                    name, n_truncated, len(tokenized), self.args.max_length,
+                )
+            self._totals[f"data/{name}/truncated_rows"] = n_truncated
+            tokenized = tokenized.remove_columns("truncated")
+        return tokenized
+
+    def preprocess_dataset(self, dataset: datasets.Dataset, info: FormatInfo) -> datasets.Dataset:
+        """Hook for whole-dataset rewrites before tokenization (e.g. unpairing preference pairs)."""
+        return dataset
+
+    def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must implement tokenize_row")
+
+    def make_collator(self) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement make_collator or get a data_collator")
+
+    # --------------------------------------------------------------------------------------- metrics
+    @property
+    def _mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def store_metrics(self, metrics: dict[str, float | torch.Tensor], mode: str | None = None) -> None:
+        """Record metrics of one micro-batch; they are averaged over the logging interval."""
+        bucket = self._metrics[mode or self._mode]
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().mean().item() if value.numel() else float("nan")
+            bucket[key].append(float(value))
+
+    def _flush_metrics(self, mode: str) -> dict[str, float]:
+        """Average (NaN-aware) and clear the stored metrics of `mode`, plus its running totals as they stand."""
+        averaged = {}
+        for key, values in self._metrics[mode].items():
+            finite = [v for v in values if not math.isnan(v)]
+            if finite:
+                averaged[key] = sum(finite) / len(finite)
+        averaged.update({k.split("/", 1)[1]: v for k, v in self._totals.items() if k.startswith(f"{mode}/")})
+        self._metrics[mode].clear()
+        return averaged
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        averaged = self._flush_metrics(mode) if mode == "train" else {}
+        super().log({**logs, **averaged}, start_time)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        """The Trainer's loop, with this method's own eval metrics added to what `evaluate()` returns."""
+        self._metrics["eval"].clear()
+        self._totals = defaultdict(float, {k: v for k, v in self._totals.items() if not k.startswith("eval/")})
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics.update({f"{prefix}_{k}": v for k, v in self._flush_metrics("eval").items()})
+        return output
+
+    # ------------------------------------------------------------------------------------ evaluation
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation computes the method's own loss (and its metrics); posttrain inputs carry no `labels`."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---------------------------------------------------------------------------------------- saving
+    def save_merged_model(self, output_dir: str | None = None) -> str:
+        """Merge PEFT adapters into the base weights and save a plain model (plus tokenizer) to `output_dir`.
+
+        Training keeps the adapters separate (only they train and `save_model` stores only them); this is the
+        on-request merge for deployment. The trainer's own model is left unmerged.
+        """
+        import copy
+
+        output_dir = output_dir or f"{self.args.output_dir}/merged"
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(output_dir)
+        self.tokenizer.save_pretrained(output_dir)
+        return output_dir
