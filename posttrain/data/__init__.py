@@ -1,0 +1,42 @@
+"""The shared data pipeline: dataset formats and validation, loading, chat templates, tokenization with loss
+masks, packing and collation. See docs/internals.md for the contract."""
+
+from .collators import PaddingCollator, PaddingFreeCollator, packed_attention_mask
+from .formats import (
+    DatasetFormatError,
+    DatasetKind,
+    FormatInfo,
+    detect_format,
+    split_implicit_prompt,
+    unpair_preference,
+    validate_dataset,
+)
+from .loading import load_any
+from .packing import pack_bfd, pack_dataset
+from .templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE, end_of_turn, ensure_chat_template, render_chat
+from .tokenization import assistant_char_spans, tokenize_messages, tokenize_prompt_completion, tokenize_text
+
+__all__ = [
+    "CHAT_TEMPLATES",
+    "DEFAULT_CHAT_TEMPLATE",
+    "DatasetFormatError",
+    "DatasetKind",
+    "FormatInfo",
+    "PaddingCollator",
+    "PaddingFreeCollator",
+    "assistant_char_spans",
+    "detect_format",
+    "end_of_turn",
+    "ensure_chat_template",
+    "load_any",
+    "pack_bfd",
+    "pack_dataset",
+    "packed_attention_mask",
+    "render_chat",
+    "split_implicit_prompt",
+    "tokenize_messages",
+    "tokenize_prompt_completion",
+    "tokenize_text",
+    "unpair_preference",
+    "validate_dataset",
+]

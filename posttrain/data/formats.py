@@ -1,0 +1,306 @@
+"""Dataset formats: detection from the columns and validation of every row, in one place.
+
+Every method declares the formats it accepts (`DatasetKind`); `validate_dataset` tells which format a dataset
+is in and checks every row before training starts, so a bad row fails with a `DatasetFormatError` that names
+the row index, the field and what was expected instead of a shape error deep inside a training step.
+
+Formats (each either plain strings or conversational, i.e. lists of `{"role", "content"}` messages):
+
+| kind                | columns                                                        |
+| ------------------- | -------------------------------------------------------------- |
+| LANGUAGE_MODELING   | `text` (string) or `messages` (conversation)                   |
+| PROMPT_ONLY         | `prompt`                                                       |
+| PROMPT_COMPLETION   | `prompt`, `completion`                                         |
+| PREFERENCE          | `prompt`, `chosen`, `rejected`; or `chosen`, `rejected` only   |
+|                     | (implicit prompt: their shared prefix, see `split_implicit_prompt`) |
+| UNPAIRED_PREFERENCE | `prompt`, `completion`, `label` (bool)                         |
+| STEPWISE            | `prompt`, `completions` (list of strings), `labels` (list of bool) |
+
+Extra columns are allowed and kept. Validation reads whole columns (Arrow -> Python once per column), never
+indexes a `datasets.Dataset` row by row, so it is fast enough to run on every dataset before training.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
+
+import datasets
+
+ROLES = ("system", "user", "assistant", "tool")
+_MISSING = object()
+_SEQ = "a string or a list of messages"
+
+
+class DatasetKind(str, Enum):
+    """The dataset formats that posttrain's methods consume."""
+
+    LANGUAGE_MODELING = "language_modeling"
+    PROMPT_ONLY = "prompt_only"
+    PROMPT_COMPLETION = "prompt_completion"
+    PREFERENCE = "preference"
+    UNPAIRED_PREFERENCE = "unpaired_preference"
+    STEPWISE = "stepwise"
+
+
+_KIND_COLUMNS = {
+    DatasetKind.LANGUAGE_MODELING: "'text' or 'messages'",
+    DatasetKind.PROMPT_ONLY: "'prompt'",
+    DatasetKind.PROMPT_COMPLETION: "'prompt', 'completion'",
+    DatasetKind.PREFERENCE: "'prompt', 'chosen', 'rejected' (or 'chosen', 'rejected' only)",
+    DatasetKind.UNPAIRED_PREFERENCE: "'prompt', 'completion', 'label'",
+    DatasetKind.STEPWISE: "'prompt', 'completions', 'labels'",
+}
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """What `detect_format` found: the kind, whether rows are conversations, and whether the prompt is implicit."""
+
+    kind: DatasetKind
+    conversational: bool
+    implicit_prompt: bool = False
+
+
+class DatasetFormatError(ValueError):
+    """A dataset (or one of its rows) does not match the format a method needs."""
+
+
+class _Table:
+    """Column access over a `datasets.Dataset`, a dict of columns or a list of row dicts."""
+
+    def __init__(self, data: Any):
+        if isinstance(data, datasets.Dataset):
+            self.names = list(data.column_names)
+            self.num_rows = len(data)
+            arrow = data.with_format("arrow")
+            self._get: Callable[[str], list] = lambda c: arrow[c].to_pylist()
+        elif isinstance(data, Mapping):
+            self.names = list(data.keys())
+            lengths = {len(v) for v in data.values()}
+            if len(lengths) > 1:
+                raise DatasetFormatError(f"columns have different lengths: { {k: len(v) for k, v in data.items()} }")
+            self.num_rows = lengths.pop() if lengths else 0
+            self._get = lambda c: list(data[c])
+        elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+            self.names = list(dict.fromkeys(k for row in data for k in row))
+            self.num_rows = len(data)
+            self._get = lambda c: [row.get(c, _MISSING) for row in data]
+        else:
+            raise TypeError(f"expected a datasets.Dataset, a dict of columns or a list of rows, got {type(data).__name__}")
+        self._cache: dict[str, list] = {}
+
+    def column(self, name: str) -> list:
+        if name not in self._cache:
+            self._cache[name] = self._get(name)
+        return self._cache[name]
+
+
+def _describe(value: Any) -> str:
+    if value is _MISSING:
+        return "nothing (the field is missing)"
+    if value is None:
+        return "None"
+    return f"{type(value).__name__} {reprlib.repr(value)}"
+
+
+def _fail(row: int, field: str, expected: str, value: Any) -> DatasetFormatError:
+    return DatasetFormatError(f"row {row}, field '{field}': expected {expected}, got {_describe(value)}")
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy.bool_
+
+
+def _kind_from_columns(names: Sequence[str]) -> tuple[DatasetKind, bool]:
+    cols = set(names)
+    if {"prompt", "completions", "labels"} <= cols:
+        return DatasetKind.STEPWISE, False
+    if {"chosen", "rejected"} <= cols:
+        return DatasetKind.PREFERENCE, "prompt" not in cols
+    if {"prompt", "completion", "label"} <= cols:
+        return DatasetKind.UNPAIRED_PREFERENCE, False
+    if {"prompt", "completion"} <= cols:
+        return DatasetKind.PROMPT_COMPLETION, False
+    if "messages" in cols or "text" in cols:
+        return DatasetKind.LANGUAGE_MODELING, False
+    if "prompt" in cols:
+        return DatasetKind.PROMPT_ONLY, False
+    formats = "; ".join(f"{k.value}: {c}" for k, c in _KIND_COLUMNS.items())
+    raise DatasetFormatError(f"cannot tell the dataset format from its columns {sorted(cols)}; expected one of: {formats}")
+
+
+def _sequence_fields(kind: DatasetKind, names: Sequence[str], implicit: bool) -> list[str]:
+    """The fields holding a string or a conversation, key field first."""
+    if kind is DatasetKind.LANGUAGE_MODELING:
+        return ["messages" if "messages" in names else "text"]
+    if kind is DatasetKind.PREFERENCE:
+        return ["chosen", "rejected"] if implicit else ["prompt", "chosen", "rejected"]
+    if kind in (DatasetKind.PROMPT_COMPLETION, DatasetKind.UNPAIRED_PREFERENCE):
+        return ["prompt", "completion"]
+    return ["prompt"]
+
+
+def _detect(table: _Table) -> FormatInfo:
+    kind, implicit = _kind_from_columns(table.names)
+    key = _sequence_fields(kind, table.names, implicit)[0]
+    first = next((v for v in table.column(key) if v is not None and v is not _MISSING), None)
+    return FormatInfo(kind, conversational=isinstance(first, list), implicit_prompt=implicit)
+
+
+def detect_format(dataset: Any) -> FormatInfo:
+    """Tell a dataset's format from its column names (and, for conversational or not, its first non-null row)."""
+    return _detect(_Table(dataset))
+
+
+def _check_messages(row: int, field: str, value: Any) -> None:
+    if not isinstance(value, list):
+        raise _fail(row, field, "a list of messages (the dataset is conversational)", value)
+    if not value:
+        raise _fail(row, field, "a non-empty list of messages", value)
+    for j, msg in enumerate(value):
+        where = f"{field}[{j}]"
+        if not isinstance(msg, Mapping):
+            raise _fail(row, where, "a message dict with 'role' and 'content'", msg)
+        role = msg.get("role", _MISSING)
+        if role not in ROLES:
+            raise _fail(row, f"{where}.role", f"one of {list(ROLES)}", role)
+        content = msg.get("content", _MISSING)
+        if content is _MISSING or content is None:
+            if msg.get("tool_calls"):  # an assistant turn that only calls tools has no content
+                continue
+            raise _fail(row, f"{where}.content", "a string", content)
+        if not isinstance(content, str):
+            raise _fail(row, f"{where}.content", "a string", content)
+
+
+def _check_sequence(row: int, field: str, value: Any, conversational: bool) -> None:
+    if conversational:
+        if isinstance(value, list):
+            _check_messages(row, field, value)
+            return
+        expected = _SEQ if value is None or value is _MISSING else "a list of messages (the dataset is conversational)"
+        raise _fail(row, field, expected, value)
+    if not isinstance(value, str):
+        plain = "a string (the dataset holds plain text, not conversations)"
+        raise _fail(row, field, plain if isinstance(value, list) else _SEQ, value)
+
+
+def _check_stepwise(row: int, completions: Any, labels: Any) -> None:
+    if not isinstance(completions, list) or not completions:
+        raise _fail(row, "completions", "a non-empty list of strings (one per step)", completions)
+    for j, step in enumerate(completions):
+        if not isinstance(step, str):
+            raise _fail(row, f"completions[{j}]", "a string", step)
+    if not isinstance(labels, list):
+        raise _fail(row, "labels", "a list of booleans (one per step)", labels)
+    if len(labels) != len(completions):
+        raise _fail(row, "labels", f"{len(completions)} labels (one per completion step)", labels)
+    for j, label in enumerate(labels):
+        if not _is_bool(label):
+            raise _fail(row, f"labels[{j}]", "a boolean", label)
+
+
+def _validate_rows(table: _Table, info: FormatInfo) -> None:
+    fields = _sequence_fields(info.kind, table.names, info.implicit_prompt)
+    for field in fields:
+        for i, value in enumerate(table.column(field)):
+            _check_sequence(i, field, value, info.conversational)
+    if info.kind is DatasetKind.UNPAIRED_PREFERENCE:
+        for i, label in enumerate(table.column("label")):
+            if not _is_bool(label):
+                raise _fail(i, "label", "a boolean (True: desirable completion)", label)
+    if info.kind is DatasetKind.STEPWISE:
+        for i, (comps, labels) in enumerate(zip(table.column("completions"), table.column("labels"))):
+            _check_stepwise(i, comps, labels)
+    if info.kind is DatasetKind.PREFERENCE and info.implicit_prompt and info.conversational:
+        for i, (chosen, rejected) in enumerate(zip(table.column("chosen"), table.column("rejected"))):
+            if not split_implicit_prompt({"chosen": chosen, "rejected": rejected})["prompt"]:
+                raise _fail(i, "chosen", "chosen and rejected to share their leading prompt messages", chosen[0])
+
+
+def validate_dataset(dataset: Any, accepted: Sequence[DatasetKind] | None = None) -> FormatInfo:
+    """Detect the dataset's format, check it is one of `accepted` (all kinds if None) and validate every row.
+
+    Accepts a `datasets.Dataset`, a dict of columns or a list of row dicts. Raises `DatasetFormatError`.
+    """
+    table = _Table(dataset)
+    info = _detect(table)
+    if accepted is not None and info.kind not in accepted:
+        wanted = "; ".join(f"{DatasetKind(k).value} ({_KIND_COLUMNS[DatasetKind(k)]})" for k in accepted)
+        raise DatasetFormatError(
+            f"this method accepts {wanted} datasets, but the columns {sorted(table.names)} make a "
+            f"{info.kind.value} dataset"
+        )
+    _validate_rows(table, info)
+    return info
+
+
+def _split_text(chosen: str, rejected: str) -> int:
+    """Length of the shared prompt of two strings: the common prefix cut back to a word boundary.
+
+    The prompt stops before the whitespace that precedes the first differing word, so the completions start
+    with that whitespace (" four" / " five"): that is how a BPE tokenizer splits words, so the prompt's tokens
+    are the same whether tokenized alone or joined with a completion.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    while n > 0 and not chosen[n - 1].isspace():
+        n -= 1
+    while n > 0 and chosen[n - 1].isspace():
+        n -= 1
+    return n
+
+
+def split_implicit_prompt(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Split a `chosen`/`rejected` pair without a `prompt` into prompt + the two completions.
+
+    Conversations: the prompt is the leading messages both share (at least one message is left on each side).
+    Strings: the shared prefix, cut back to a word boundary (see `_split_text`). Other keys are kept; a row
+    that already has a `prompt` is returned as a copy.
+    """
+    out = dict(row)
+    if "prompt" in row:
+        return out
+    chosen, rejected = row["chosen"], row["rejected"]
+    if isinstance(chosen, list):
+        k = 0
+        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+            k += 1
+        out.update(prompt=chosen[:k], chosen=chosen[k:], rejected=rejected[k:])
+    else:
+        k = _split_text(chosen, rejected)
+        out.update(prompt=chosen[:k], chosen=chosen[k:], rejected=rejected[k:])
+    return out
+
+
+def unpair_preference(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Turn a paired preference dataset into unpaired rows (for KTO/BCO).
+
+    Each pair becomes two consecutive rows: `(prompt, completion=chosen, label=True)` and
+    `(prompt, completion=rejected, label=False)`; extra columns are copied to both. Implicit prompts are split.
+    """
+    info = validate_dataset(dataset, [DatasetKind.PREFERENCE])
+    extras = [c for c in dataset.column_names if c not in ("prompt", "chosen", "rejected")]
+
+    def unpair(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"prompt": [], "completion": [], "label": [], **{c: [] for c in extras}}
+        for i in range(len(batch["chosen"])):
+            row = {k: batch[k][i] for k in batch}
+            if info.implicit_prompt:
+                row = split_implicit_prompt(row)
+            for completion, label in ((row["chosen"], True), (row["rejected"], False)):
+                out["prompt"].append(row["prompt"])
+                out["completion"].append(completion)
+                out["label"].append(label)
+                for c in extras:
+                    out[c].append(row[c])
+        return out
+
+    return dataset.map(unpair, batched=True, remove_columns=dataset.column_names, desc="unpair preference")

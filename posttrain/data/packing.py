@@ -1,0 +1,115 @@
+"""Packing: put several tokenized sequences into one row of at most `max_length` tokens.
+
+`pack_bfd` chooses the bins (best-fit decreasing); `pack_dataset` builds the packed rows, with `position_ids`
+restarting at 0 for every sequence and `seq_lens`, which is what keeps the sequences apart in attention (see
+`collators` and docs/internals.md: a packed forward passes `position_ids`, no `attention_mask`, `use_cache=False`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import datasets
+
+
+class _MinFitTree:
+    """Counts of open bins per remaining capacity 0..max_length, answering "smallest capacity >= n that has a
+    bin" in O(log max_length) (a segment tree over capacities)."""
+
+    def __init__(self, max_length: int):
+        self.size = 1
+        while self.size < max_length + 1:
+            self.size *= 2
+        self.count = [0] * (2 * self.size)
+
+    def add(self, capacity: int, delta: int) -> None:
+        i = capacity + self.size
+        while i:
+            self.count[i] += delta
+            i //= 2
+
+    def smallest_at_least(self, n: int) -> int | None:
+        """The smallest capacity c >= n with count > 0, or None."""
+        return self._find(1, 0, self.size, n)
+
+    def _find(self, node: int, lo: int, hi: int, n: int) -> int | None:
+        if hi <= n or self.count[node] == 0:
+            return None
+        if hi - lo == 1:
+            return lo
+        mid = (lo + hi) // 2
+        left = self._find(2 * node, lo, mid, n)
+        return left if left is not None else self._find(2 * node + 1, mid, hi, n)
+
+
+def pack_bfd(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing of sequence lengths into bins of capacity `max_length`.
+
+    Sequences are placed longest first, each into the open bin with the least room that still fits it (a new
+    bin when none does). Returns the bins as lists of indices into `lengths`, in order of creation; every index
+    appears exactly once. Lengths must lie in [1, max_length]: the caller truncates longer sequences.
+    """
+    assert max_length >= 1, f"max_length must be positive, got {max_length}"
+    for i, n in enumerate(lengths):
+        assert 1 <= n <= max_length, f"sequence {i} has length {n}; expected 1..{max_length} (truncate it first)"
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    tree = _MinFitTree(max_length)
+    by_capacity: dict[int, list[int]] = {}  # remaining capacity -> open bins with that room
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = lengths[i]
+        capacity = tree.smallest_at_least(n)
+        if capacity is None:
+            bins.append([])
+            room.append(max_length)
+            b = len(bins) - 1
+        else:
+            b = by_capacity[capacity].pop()
+            tree.add(capacity, -1)
+        bins[b].append(i)
+        room[b] -= n
+        if room[b] > 0:
+            by_capacity.setdefault(room[b], []).append(b)
+            tree.add(room[b], 1)
+    return bins
+
+
+def pack_dataset(
+    dataset: datasets.Dataset, max_length: int, columns: Sequence[str] | None = None
+) -> datasets.Dataset:
+    """Pack a tokenized dataset into rows of at most `max_length` tokens (best-fit decreasing).
+
+    `columns` are the per-token columns to concatenate (default: `input_ids` and every column whose first
+    row is a list as long as its `input_ids`). Other columns are dropped. Each packed row also gets
+    `position_ids` (restarting at 0 per sequence) and `seq_lens`. A row longer than `max_length` is an error
+    (truncate when tokenizing).
+    """
+    if "input_ids" not in dataset.column_names:
+        raise ValueError(f"pack_dataset needs an 'input_ids' column; got {dataset.column_names}")
+    table = dataset.with_format("arrow")
+    if columns is None:
+        first = dataset[0] if len(dataset) else {}
+        columns = ["input_ids"] + [
+            c for c, v in first.items()
+            if c not in ("input_ids", "position_ids", "seq_lens")
+            and isinstance(v, list) and len(v) == len(first["input_ids"])
+        ]
+    elif "input_ids" not in columns:
+        columns = ["input_ids", *columns]
+    data = {c: table[c].to_pylist() for c in columns}
+    lengths = [len(ids) for ids in data["input_ids"]]
+    for i, n in enumerate(lengths):
+        if not 1 <= n <= max_length:
+            raise ValueError(f"row {i}, field 'input_ids': expected 1..{max_length} tokens, got {n} (truncate it first)")
+        for c in columns:
+            if len(data[c][i]) != n:
+                raise ValueError(f"row {i}, field '{c}': expected {n} values (one per token), got {len(data[c][i])}")
+    out: dict[str, list] = {c: [] for c in columns}
+    out["position_ids"], out["seq_lens"] = [], []
+    for bin_ in pack_bfd(lengths, max_length):
+        for c in columns:
+            out[c].append([x for i in bin_ for x in data[c][i]])
+        out["position_ids"].append([p for i in bin_ for p in range(lengths[i])])
+        out["seq_lens"].append([lengths[i] for i in bin_])
+    return datasets.Dataset.from_dict(out)
