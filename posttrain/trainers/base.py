@@ -23,6 +23,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import DatasetKind, FormatInfo, ensure_chat_template, load_any, validate_dataset
 from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
+from ..ops.attention import use_varlen_attention
 from .callbacks import LossPlotCallback, RichProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class PostTrainer(Trainer):
             tokenizer.pad_token = tokenizer.eos_token
         ensure_chat_template(tokenizer, args.chat_template)
         self.tokenizer = tokenizer
+        if args.padding_free or getattr(args, "packing", False):
+            # Padding-free rows on SDPA/eager: per-sequence attention instead of a dense [T, T] block mask.
+            use_varlen_attention(model)
         if peft_config is not None:
             model = apply_peft(model, peft_config)
         if args.gradient_checkpointing and is_peft_model(model):
