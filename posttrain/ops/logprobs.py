@@ -1,0 +1,203 @@
+"""Chunked selective log-softmax: per-token log-probs (and entropies) without the [N, V] logits.
+
+A causal LM's head maps hidden states ``h [N, H]`` to logits ``z = h W^T + b`` over a vocabulary of
+``V`` tokens. Training only needs, per row, ``log p(y) = z_y - logsumexp(z)`` (and sometimes the
+entropy), yet the usual path materializes ``z`` for every row, plus its softmax and its gradient:
+three ``[N, V]`` float32 tensors, which at ``V = 150k`` dominate memory.
+
+:func:`selective_log_softmax` walks over the rows in chunks of ``chunk_size``: forward keeps one
+``[chunk, V]`` block at a time and saves only the inputs and one float per row (the logsumexp);
+backward recomputes each chunk's logits and accumulates the gradients of ``h``, ``W`` and ``b``.
+Peak extra memory is ``O(chunk_size * V)`` instead of ``O(N * V)``, at the cost of one extra
+matmul in backward (the same trade as activation checkpointing).
+
+All arithmetic is in float32 (float64 for float64 inputs) whatever the input dtype: bf16 logits lose
+~2 decimal digits, enough to bias importance ratios in RL. Outputs are float32 (float64 for float64
+inputs); gradients come back in each input's dtype.
+Only torch is imported here (see docs/internals.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["selective_log_softmax", "selective_log_softmax_ext", "argmax_tokens", "naive_log_softmax"]
+
+
+def _check(hidden: Tensor, weight: Tensor, labels: Tensor | None, bias: Tensor | None, chunk_size: int,
+           temperature: float) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: hidden has H={hidden.shape[1]}, weight has H={weight.shape[1]}")
+    if labels is not None and labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be [N]={hidden.shape[0]}, got {tuple(labels.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [V]={weight.shape[0]}, got {tuple(bias.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if labels is not None and labels.device.type == "cpu" and labels.numel() > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"labels must lie in [0, V={weight.shape[0]}), got values in [{lo}, {hi}]; "
+                             "drop ignored positions (e.g. -100) before calling")
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float32, or float64 when an input is float64 (so float64 tests stay exact)."""
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def _chunk_logits(h: Tensor, weight_c: Tensor, bias_c: Tensor | None, temperature: float) -> Tensor:
+    """Logits of one chunk of rows in the compute dtype, divided by the temperature."""
+    z = h.to(weight_c.dtype) @ weight_c.T
+    if bias_c is not None:
+        z += bias_c
+    if temperature != 1.0:
+        z /= temperature
+    return z
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """Chunked log p(label), entropy and argmax; recomputes logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
+                chunk_size: int, with_entropy: bool, with_argmax: bool):
+        n, cdt = hidden.shape[0], _compute_dtype(hidden, weight, bias)
+        weight_c = weight.to(cdt)
+        bias_c = bias.to(cdt) if bias is not None else None
+        logps = hidden.new_empty(n, dtype=cdt)
+        lse = hidden.new_empty(n, dtype=cdt)
+        entropy = hidden.new_empty(n if with_entropy else 0, dtype=cdt)
+        argmax = labels.new_empty(n if with_argmax else 0, dtype=torch.long)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z = _chunk_logits(hidden[s:e], weight_c, bias_c, temperature)
+            lse_c = torch.logsumexp(z, dim=-1)
+            lse[s:e] = lse_c
+            logps[s:e] = z.gather(1, labels[s:e, None]).squeeze(1) - lse_c
+            if with_argmax:
+                argmax[s:e] = z.argmax(-1)
+            if with_entropy:
+                p = (z - lse_c[:, None]).exp_()
+                entropy[s:e] = lse_c - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(argmax)
+        return logps, entropy, argmax
+
+    @staticmethod
+    def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None, _g_argmax):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        t, n, cdt = ctx.temperature, hidden.shape[0], lse.dtype
+        weight_c = weight.to(cdt)
+        bias_c = bias.to(cdt) if bias is not None else None
+        if g_ent is not None and g_ent.numel() == 0:
+            g_ent = None
+        if g_logp is None and g_ent is None:
+            return (None,) * 8
+        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if need_b else None
+        for s in range(0, n, ctx.chunk_size):
+            e = min(s + ctx.chunk_size, n)
+            h = hidden[s:e]
+            z = _chunk_logits(h, weight_c, bias_c, t)
+            p = (z - lse[s:e, None]).exp_()
+            ent_term = None
+            if g_ent is not None:
+                # H = lse - sum_k p_k z_k ;  dH/dz_j = -p_j (z_j - sum_k p_k z_k); reuse z's buffer
+                mean_z = (p * z).sum(-1, keepdim=True)
+                ent_term = z.sub_(mean_z).mul_(p).mul_(g_ent[s:e, None].to(cdt))
+            del z
+            # d logp_y / dz_j = 1[j = y] - p_j; reuse p's buffer for the gradient
+            if g_logp is not None:
+                gl = g_logp[s:e, None].to(cdt)
+                gz = p.mul_(-gl)
+                gz.scatter_add_(1, labels[s:e, None], gl)
+                if ent_term is not None:
+                    gz.sub_(ent_term)
+            else:
+                gz = ent_term.neg_()
+            if t != 1.0:  # z = raw / t
+                gz /= t
+            if need_h:
+                grad_h[s:e] = (gz @ weight_c).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(gz.T, h.to(cdt))
+            if need_b:
+                grad_b += gz.sum(0)
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def selective_log_softmax_ext(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                              temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
+                              with_argmax: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`selective_log_softmax` that can also return the argmax token of each row (no gradient).
+
+    Returns ``(logps [N], entropy [N] | None, argmax [N] | None)``; the argmax comes from the same
+    chunked pass, so token accuracy costs no extra matmul.
+    """
+    _check(hidden, weight, labels, bias, chunk_size, temperature)
+    logps, entropy, argmax = _SelectiveLogSoftmax.apply(
+        hidden, weight, bias, labels, float(temperature), int(chunk_size), bool(with_entropy), bool(with_argmax))
+    return logps, (entropy if with_entropy else None), (argmax if with_argmax else None)
+
+
+def selective_log_softmax(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                          temperature: float = 1.0, chunk_size: int = 1024,
+                          with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Per-row ``log softmax(h W^T + b) / T)[label]`` and optionally the entropy, chunked over rows.
+
+    Args:
+        hidden: ``[N, H]`` rows that predict a token (float32 or bf16).
+        weight: ``[V, H]`` output-embedding matrix. ``bias``: optional ``[V]``.
+        labels: ``[N]`` token ids in ``[0, V)``; ignored positions must be dropped by the caller.
+        temperature: logits are divided by it before the softmax.
+        chunk_size: rows per block; peak extra memory is a few ``[chunk_size, V]`` float32 blocks.
+        with_entropy: also return ``H = logsumexp(z) - sum_j softmax(z)_j z_j`` per row.
+
+    Returns:
+        ``(logps [N], entropy [N] | None)`` in float32 (float64 for float64 inputs), both differentiable
+        w.r.t. ``hidden``, ``weight`` and ``bias``.
+    """
+    logps, entropy, _ = selective_log_softmax_ext(hidden, weight, labels, bias=bias, temperature=temperature,
+                                                  chunk_size=chunk_size, with_entropy=with_entropy)
+    return logps, entropy
+
+
+@torch.no_grad()
+def argmax_tokens(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None,
+                  chunk_size: int = 1024) -> Tensor:
+    """Most likely token ``argmax_j (h W^T + b)_j`` of each row, chunked (``[N]`` long, no gradient)."""
+    _check(hidden, weight, None, bias, chunk_size, 1.0)
+    cdt = _compute_dtype(hidden, weight, bias)
+    weight32 = weight.to(cdt)
+    bias32 = bias.to(cdt) if bias is not None else None
+    out = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    for s in range(0, hidden.shape[0], chunk_size):
+        e = min(s + chunk_size, hidden.shape[0])
+        out[s:e] = _chunk_logits(hidden[s:e], weight32, bias32, 1.0).argmax(-1)
+    return out
+
+
+def naive_log_softmax(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                      temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Reference implementation that materializes the full ``[N, V]`` logits (tests only)."""
+    cdt = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    z = hidden.to(cdt) @ weight.to(cdt).T
+    if bias is not None:
+        z = z + bias.to(cdt)
+    z = z / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    logps = logp_all.gather(1, labels[:, None]).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logps, entropy
