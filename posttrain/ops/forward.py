@@ -182,7 +182,7 @@ def _scatter(values: Tensor, mask: Tensor, fill: float | int = 0) -> Tensor:
 
 def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, *, mask: Tensor | None = None, temperature: float = 1.0,
-                with_entropy: bool = False, with_argmax: bool = False, chunk_size: int = 1024,
+                with_entropy: bool = False, with_argmax: bool = False, chunk_size: int | None = None,
                 return_hidden: bool = False, **model_kwargs: Any) -> TokenLogps:
     """Per-token log-probs of ``input_ids`` under ``model``, computed only where ``mask`` is set.
 
@@ -220,7 +220,7 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
 def token_divergence(student: nn.Module, teacher: nn.Module, input_ids: Tensor,
                      attention_mask: Tensor | None = None, position_ids: Tensor | None = None, *,
                      mask: Tensor | None = None, kind: str = "jsd", beta: float = 0.5, temperature: float = 1.0,
-                     chunk_size: int = 1024, **model_kwargs: Any) -> Tensor:
+                     chunk_size: int | None = None, **model_kwargs: Any) -> Tensor:
     """Per-token ``[B, L]`` divergence between student and teacher next-token distributions.
 
     Value at ``t`` compares the distributions both models predict for token ``t`` (from ``t - 1``);

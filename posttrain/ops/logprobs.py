@@ -25,6 +25,17 @@ from torch import Tensor
 __all__ = ["selective_log_softmax", "selective_log_softmax_ext", "argmax_tokens", "naive_log_softmax"]
 
 
+CHUNK_ELEMENTS = 1 << 21  # ~8 MiB of float32 logits per chunk
+
+
+def auto_chunk_size(vocab_size: int, chunk_size: int | None = None) -> int:
+    """Rows per chunk: `chunk_size` when given, else as many rows as keep one `[rows, V]` float32 block near
+    32 MiB (e.g. 256 rows for a 32k vocabulary, 4096 for 2k), so peak memory does not grow with the vocabulary."""
+    if chunk_size:
+        return int(chunk_size)
+    return max(16, min(8192, CHUNK_ELEMENTS // max(1, vocab_size)))
+
+
 def _check(hidden: Tensor, weight: Tensor, labels: Tensor | None, bias: Tensor | None, chunk_size: int,
            temperature: float) -> None:
     if hidden.dim() != 2 or weight.dim() != 2:
@@ -139,13 +150,14 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
 
 def selective_log_softmax_ext(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                              temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False,
+                              temperature: float = 1.0, chunk_size: int | None = None, with_entropy: bool = False,
                               with_argmax: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """:func:`selective_log_softmax` that can also return the argmax token of each row (no gradient).
 
     Returns ``(logps [N], entropy [N] | None, argmax [N] | None)``; the argmax comes from the same
     chunked pass, so token accuracy costs no extra matmul.
     """
+    chunk_size = auto_chunk_size(weight.shape[0], chunk_size)
     _check(hidden, weight, labels, bias, chunk_size, temperature)
     logps, entropy, argmax = _SelectiveLogSoftmax.apply(
         hidden, weight, bias, labels, float(temperature), int(chunk_size), bool(with_entropy), bool(with_argmax))
@@ -153,7 +165,7 @@ def selective_log_softmax_ext(hidden: Tensor, weight: Tensor, labels: Tensor, *,
 
 
 def selective_log_softmax(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                          temperature: float = 1.0, chunk_size: int = 1024,
+                          temperature: float = 1.0, chunk_size: int | None = None,
                           with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per-row ``log softmax(h W^T + b) / T)[label]`` and optionally the entropy, chunked over rows.
 
@@ -176,8 +188,9 @@ def selective_log_softmax(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
 
 @torch.no_grad()
 def argmax_tokens(hidden: Tensor, weight: Tensor, *, bias: Tensor | None = None,
-                  chunk_size: int = 1024) -> Tensor:
+                  chunk_size: int | None = None) -> Tensor:
     """Most likely token ``argmax_j (h W^T + b)_j`` of each row, chunked (``[N]`` long, no gradient)."""
+    chunk_size = auto_chunk_size(weight.shape[0], chunk_size)
     _check(hidden, weight, None, bias, chunk_size, 1.0)
     cdt = _compute_dtype(hidden, weight, bias)
     weight32 = weight.to(cdt)

@@ -24,6 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from ..data import DatasetKind, FormatInfo, ensure_chat_template, load_any, validate_dataset
 from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
 from ..ops.attention import use_varlen_attention
+from ..ops.memory import tune_cpu_allocator
 from .callbacks import LossPlotCallback, RichProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,10 @@ class PostTrainConfig(TrainingArguments):
         metadata={"help": "Flatten each batch into one row with per-sequence position ids (no padding tokens "
                   "computed). Sequences never attend to each other."},
     )
-    logits_chunk_size: int = field(
-        default=1024,
-        metadata={"help": "Tokens per chunk when computing log-probs from hidden states and the output head; "
-                  "the full [batch, length, vocab] logits are never held."},
+    logits_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per chunk when computing log-probs from hidden states and the output head "
+                  "(the full [batch, length, vocab] logits are never held). None: about 32 MiB of logits per chunk."},
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
     # Overridden TrainingArguments defaults.
@@ -121,6 +122,8 @@ class PostTrainer(Trainer):
     ) -> None:
         if args is None:
             args = self.config_class()
+        if not torch.cuda.is_available():
+            tune_cpu_allocator()  # large tensors back to the OS on free: no RSS creep on CPU
         self.model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         model = self.load_model(model, args)
         if processing_class is None:
