@@ -23,7 +23,7 @@ class QuickstartOptions:
 
     output_dir: str = "runs/quickstart"
     model: str = "tiny:small"
-    digits: int = 2
+    digits: int = 3
     train_size: int = 6000
     test_size: int = 200
     seed: int = 0
