@@ -1,0 +1,207 @@
+"""Rollouts with Hugging Face ``generate`` on the training model itself (the default engine).
+
+Batched with left padding and the KV cache, in chunks of at most ``max_batch_size`` sequences (sorted by
+prompt length so a chunk pads little), under ``torch.inference_mode`` with the model in eval mode (its
+train/eval mode is restored afterwards). DDP / DeepSpeed / ``torch.compile`` wrappers are stripped;
+a PEFT model is kept, so its adapters apply.
+
+Sampling is done by our own logits processor, which applies repetition penalty, temperature, min-p,
+top-k and top-p (in vLLM's order) with transformers' processors and records the log-softmax of the
+result; the log-prob of each sampled token is read from it on the next step. So the reported log-probs
+are those of the distribution actually sampled from (see ``posttrain.online.engines``), and only one
+``[batch, vocab]`` tensor is kept at a time, not ``[steps, batch, vocab]`` as ``output_scores`` would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+from .engines import Rollout, RolloutEngine, SamplingParams, default_stop_token_ids, encode_prompts
+from .weights import base_model, unwrap_parallel
+
+__all__ = ["HFEngine", "SamplingProcessor"]
+
+
+class SamplingProcessor(LogitsProcessor):
+    """Applies the sampling transforms and records the sampled tokens' log-probs under the result.
+
+    Called by ``generate`` once per step with the raw next-token logits; the token chosen at step k is
+    the last column of ``input_ids`` at step k + 1 (and of the final sequences for the last step).
+    """
+
+    def __init__(self, params: SamplingParams, prompt_length: int) -> None:
+        steps: list[LogitsProcessor] = []
+        if params.repetition_penalty != 1.0:
+            steps.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if not params.greedy:
+            if params.temperature != 1.0:
+                steps.append(TemperatureLogitsWarper(params.temperature))
+            if params.min_p > 0:
+                steps.append(MinPLogitsWarper(params.min_p))
+            if params.top_k > 0:
+                steps.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                steps.append(TopPLogitsWarper(params.top_p))
+        self.steps = LogitsProcessorList(steps)
+        self.prompt_length = prompt_length
+        self._pending: Tensor | None = None
+        self._logps: list[Tensor] = []
+
+    def _collect(self, tokens: Tensor) -> None:
+        if self._pending is not None:
+            self._logps.append(self._pending.gather(-1, tokens[:, None]).squeeze(-1))
+            self._pending = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] > self.prompt_length:
+            self._collect(input_ids[:, -1])
+        scores = self.steps(input_ids, scores.float())
+        self._pending = torch.log_softmax(scores, dim=-1)
+        return scores
+
+    def finish(self, sequences: Tensor) -> Tensor:
+        """``[B, new_tokens]`` log-probs of the generated tokens."""
+        self._collect(sequences[:, -1])
+        n_new = sequences.shape[1] - self.prompt_length
+        if len(self._logps) != n_new:
+            raise RuntimeError(f"recorded {len(self._logps)} steps for {n_new} generated tokens; was another "
+                               "logits processor or the sampler changed?")
+        if not self._logps:
+            return sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32)
+        return torch.stack(self._logps, dim=1)
+
+
+@contextlib.contextmanager
+def _generation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (restored after), inference mode, and ZeRO-3 parameters gathered when present."""
+    was_training = model.training
+    model.eval()
+    gather: Any = contextlib.nullcontext()
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if params:  # DeepSpeed ZeRO-3: generate needs whole parameters
+        import deepspeed  # type: ignore[import-not-found]
+        gather = deepspeed.zero.GatheredParameters(params)
+    try:
+        with gather, torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed the sampler for reproducible rollouts without disturbing the caller's RNG streams."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class HFEngine(RolloutEngine):
+    """``model.generate`` on the training model; ``sync_weights`` is a no-op (the engine is the model)."""
+
+    samples_from_policy = True
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch_size: int = 64,
+                 stop_token_ids: Sequence[int] | None = None) -> None:
+        super().__init__(sync_every=1)
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size}: expected >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None \
+            else default_stop_token_ids(tokenizer, model)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (self.stop_token_ids[0] if self.stop_token_ids else 0)
+
+    def generate(self, prompts: Sequence[Any], params: SamplingParams) -> Rollout:
+        prompt_ids = encode_prompts(self.tokenizer, prompts)
+        rows = [i for i in range(len(prompt_ids)) for _ in range(params.n)]
+        # Length-sorted chunks pad little; results go back to row order.
+        order = sorted(range(len(rows)), key=lambda r: len(prompt_ids[rows[r]]))
+        stops = self._stops(params)
+        model = unwrap_parallel(self.model)
+        device = next(model.parameters()).device
+        completions: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        with _generation_mode(model), _seeded(params.seed, device):
+            for start in range(0, len(order), self.max_batch_size):
+                chunk = order[start:start + self.max_batch_size]
+                ids, lps = self._generate_chunk(model, [prompt_ids[rows[r]] for r in chunk], params, stops, device)
+                for r, c, lp in zip(chunk, ids, lps):
+                    completions[r], logprobs[r] = c, lp
+        stop_set = set(stops)
+        return Rollout(
+            prompt_index=rows,
+            prompt_ids=[prompt_ids[i] for i in rows],
+            completion_ids=completions,
+            texts=self.tokenizer.batch_decode(completions, skip_special_tokens=True),
+            logprobs=logprobs,
+            truncated=[not (c and c[-1] in stop_set) for c in completions],
+        ).check()
+
+    def _stops(self, params: SamplingParams) -> list[int]:
+        if not params.stop_on_eos:
+            return []
+        return list(dict.fromkeys(self.stop_token_ids + list(params.stop_token_ids or [])))
+
+    def _generate_chunk(self, model: nn.Module, prompts: list[list[int]], params: SamplingParams,
+                        stops: list[int], device: torch.device) -> tuple[list[list[int]], list[list[float]]]:
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding
+            input_ids[b, length - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention_mask[b, length - len(p):] = 1
+        processor = SamplingProcessor(params, length)
+        # Every sampling knob is explicit so nothing is inherited from model.generation_config (an empty
+        # eos list means "no stop", where None would inherit the model's); the
+        # transforms themselves live in `processor`, so HF's own warpers stay neutral.
+        neutral = {} if params.greedy else dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, repetition_penalty=1.0,
+            num_beams=1, use_cache=True, eos_token_id=stops, pad_token_id=self.pad_token_id, **neutral)
+        sequences = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   generation_config=config, logits_processor=LogitsProcessorList([processor]))
+        if not isinstance(sequences, Tensor):
+            sequences = sequences.sequences
+        logps = processor.finish(sequences).float().cpu()
+        new = sequences[:, length:].cpu()
+        stop_set = set(stops)
+        out_ids: list[list[int]] = []
+        out_lps: list[list[float]] = []
+        for b in range(new.shape[0]):
+            ids = new[b].tolist()
+            end = next((t + 1 for t, tok in enumerate(ids) if tok in stop_set), len(ids))
+            out_ids.append(ids[:end])
+            out_lps.append(logps[b, :end].tolist())
+        return out_ids, out_lps
+
+    def load_named_weights(self, pairs: Any) -> int:
+        """Copy ``(name, tensor)`` pairs into the model's parameters by name (the rollout server's HF
+        backend). Unknown names are an error naming them. Returns the number of tensors copied."""
+        model = base_model(self.model)
+        count = 0
+        with torch.no_grad():
+            for name, tensor in pairs:
+                try:
+                    param = model.get_parameter(name)
+                except AttributeError:
+                    raise KeyError(f"weight {name!r} is not a parameter of {type(model).__name__}") from None
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} does not match the model's "
+                                     f"{tuple(param.shape)}")
+                param.copy_(tensor.to(param.device, param.dtype))
+                count += 1
+        return count

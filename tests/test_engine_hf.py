@@ -1,0 +1,220 @@
+"""The HF-generate rollout engine, the engine interface and the weight helpers (no vLLM needed)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from posttrain.models import build_tiny
+from posttrain.online.engine_hf import HFEngine
+from posttrain.online.engines import (OnlineEngineArgs, Rollout, RolloutEngine, SamplingParams, encode_prompts,
+                                      make_engine)
+from posttrain.online.weights import chunk_weights, iter_merged_weights, weights_from_bytes, weights_to_bytes
+from posttrain.ops import token_logps
+
+PROMPTS = ["The cat sat on", [{"role": "user", "content": "What is 2 + 3?"}], [5, 17, 99, 4]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny("nano", seed=1)
+
+
+def greedy(max_new_tokens: int = 8, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, **kw)
+
+
+def test_shapes_grouping_and_prompt_forms(tiny):
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    out = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=6, seed=0))
+    assert len(out) == 9
+    assert out.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    expected_ids = encode_prompts(tok, PROMPTS)
+    assert out.prompt_ids == [expected_ids[i] for i in out.prompt_index]
+    assert expected_ids[2] == [5, 17, 99, 4]
+    chat = tok.apply_chat_template(PROMPTS[1], add_generation_prompt=True, tokenize=False)
+    assert tok.decode(expected_ids[1]) == chat and chat.endswith("<|im_start|>assistant\n")
+    for ids, lps, text in zip(out.completion_ids, out.logprobs, out.texts):
+        assert 1 <= len(ids) <= 6 and len(lps) == len(ids)
+        assert text == tok.decode(ids, skip_special_tokens=True)
+        assert all(lp <= 0 for lp in lps)
+
+
+def test_logprobs_match_trainer_temperature_scaled_logps(tiny):
+    model, tok = tiny
+    temperature = 0.7
+    params = SamplingParams(n=2, temperature=temperature, max_new_tokens=7, seed=3)
+    out = HFEngine(model, tok).generate(PROMPTS, params)
+    for p, c, lps in zip(out.prompt_ids, out.completion_ids, out.logprobs):
+        ids = torch.tensor([p + c])
+        ref = token_logps(model, ids, temperature=temperature).logps[0, len(p):]
+        torch.testing.assert_close(torch.tensor(lps), ref, atol=1e-4, rtol=0)
+
+
+def test_logprobs_with_top_k_are_the_truncated_sampling_distribution(tiny):
+    model, tok = tiny
+    temperature, k = 0.9, 5
+    out = HFEngine(model, tok).generate(PROMPTS[:1], SamplingParams(n=4, temperature=temperature, top_k=k,
+                                                                    max_new_tokens=6, seed=0))
+    for p, c, lps in zip(out.prompt_ids, out.completion_ids, out.logprobs):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1] / temperature
+        kth = logits.topk(k, dim=-1).values[:, -1:]
+        truncated = logits.masked_fill(logits < kth, float("-inf")).log_softmax(-1)
+        ref = truncated.gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(lps), ref, atol=1e-4, rtol=0)
+        assert all(lp > -float("inf") for lp in lps)
+
+
+def test_left_padding_and_chunking_do_not_change_greedy_results(tiny):
+    model, tok = tiny
+    prompts = [[7, 8], [3, 4, 5, 6, 7, 8, 9, 10, 11], [12]]
+    together = HFEngine(model, tok).generate(prompts, greedy())
+    chunked = HFEngine(model, tok, max_batch_size=1).generate(prompts, greedy())
+    assert together.completion_ids == chunked.completion_ids
+    for p, c in zip(prompts, together.completion_ids):  # reference: plain greedy argmax, one prompt at a time
+        ids = list(p)
+        for _ in range(len(c)):
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert ids[len(p):] == c
+
+
+def test_stop_tokens_end_completions_and_truncation_flags(tiny):
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    base = engine.generate([[3, 4, 5]], greedy(10, stop_on_eos=False))
+    assert base.truncated == [True] and len(base.completion_ids[0]) == 10
+    stop = base.completion_ids[0][3]
+    first = base.completion_ids[0].index(stop)
+    out = engine.generate([[3, 4, 5]], greedy(10, stop_token_ids=[stop]))
+    assert out.completion_ids[0] == base.completion_ids[0][:first + 1]  # stop token kept, nothing after
+    assert out.truncated == [False] and len(out.logprobs[0]) == first + 1
+    assert out.logprobs[0] == pytest.approx(base.logprobs[0][:first + 1], abs=1e-5)
+    assert tok.eos_token_id in engine.stop_token_ids and tok.convert_tokens_to_ids("<|im_end|>") in engine.stop_token_ids
+
+
+def test_eos_stops_generation(tiny):
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    old_head = model.get_output_embeddings()
+    head = torch.nn.Linear(old_head.in_features, old_head.out_features, bias=True)
+    with torch.no_grad():  # a head whose bias makes EOS the most likely token everywhere
+        head.weight.copy_(old_head.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 100.0
+    model.lm_head = head
+    out = HFEngine(model, tok).generate([[3, 4, 5], [6]], greedy(6))
+    for ids, truncated in zip(out.completion_ids, out.truncated):
+        assert ids[-1] == tok.eos_token_id and not truncated and ids.count(tok.eos_token_id) == 1
+    no_stop = HFEngine(model, tok).generate([[3, 4, 5]], greedy(6, stop_on_eos=False))
+    assert len(no_stop.completion_ids[0]) == 6
+
+
+def test_seed_reproducible_and_samples_differ(tiny):
+    model, tok = tiny
+    engine = HFEngine(model, tok)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=8, seed=11)
+    rng_before = torch.random.get_rng_state()
+    a, b = engine.generate(PROMPTS[:1], params), engine.generate(PROMPTS[:1], params)
+    assert torch.equal(rng_before, torch.random.get_rng_state())  # the caller's RNG is untouched
+    assert a.completion_ids == b.completion_ids
+    assert len({tuple(c) for c in a.completion_ids}) > 1
+
+
+def test_train_mode_restored_and_no_autograd_state(tiny):
+    model, tok = tiny
+    model = copy.deepcopy(model).train()
+    out = HFEngine(model, tok).generate(PROMPTS[:1], greedy(4))
+    assert model.training and len(out) == 1
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _lora(model):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    return get_peft_model(copy.deepcopy(model), cfg)
+
+
+def test_peft_adapters_apply_and_merged_weights_equal_peft_merge(tiny):
+    model, tok = tiny
+    peft_model = _lora(model)
+    merged_model = copy.deepcopy(peft_model).merge_and_unload()
+    prompts = [[3, 4, 5], [9, 10]]
+    with_adapters = HFEngine(peft_model, tok).generate(prompts, greedy(8))
+    assert with_adapters.completion_ids == HFEngine(merged_model, tok).generate(prompts, greedy(8)).completion_ids
+    assert with_adapters.completion_ids != HFEngine(model, tok).generate(prompts, greedy(8)).completion_ids
+    merged = dict(iter_merged_weights(peft_model))
+    reference = dict(merged_model.named_parameters())
+    assert sorted(merged) == sorted(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(merged[name], tensor.detach(), atol=1e-6, rtol=0)
+    with peft_model.disable_adapter():  # disabled adapters: base weights
+        for name, tensor in iter_merged_weights(peft_model):
+            torch.testing.assert_close(tensor, model.get_parameter(name).detach())
+
+
+def test_weights_chunking_keeps_layers_whole_and_round_trips(tiny):
+    model, _ = tiny
+    pairs = list(iter_merged_weights(model))
+    chunks = list(chunk_weights(pairs, max_bytes=1))
+    assert [n for c in chunks for n, _ in c] == [n for n, _ in pairs]
+    layer_of = {}
+    for i, chunk in enumerate(chunks):
+        for name, _ in chunk:
+            if ".layers." in name:
+                layer = name.split(".layers.")[1].split(".")[0]
+                assert layer_of.setdefault(layer, i) == i  # a decoder layer lives in exactly one chunk
+    assert len(chunks) >= model.config.num_hidden_layers
+    blob = weights_to_bytes(chunks[1])
+    assert blob[8:9] == b"{"  # safetensors: 8-byte header length then a JSON header, no pickle
+    back = weights_from_bytes(blob)
+    for name, tensor in chunks[1]:
+        assert torch.equal(back[name], tensor)
+
+
+def test_make_engine_default_is_hf_and_sync_is_noop(tiny):
+    model, tok = tiny
+    engine = make_engine(OnlineEngineArgs(generation_max_batch_size=3), model, tok)
+    assert isinstance(engine, HFEngine) and engine.samples_from_policy and engine.max_batch_size == 3
+    assert engine.sync_weights(model) is False and engine.sync_count == 0
+
+
+def test_sync_every_bookkeeping():
+    class Recorder(RolloutEngine):
+        def __init__(self):
+            super().__init__(sync_every=3)
+            self.pushed = 0
+
+        def generate(self, prompts, params):
+            return Rollout()
+
+        def _push_weights(self, model):
+            self.pushed += 1
+
+    engine = Recorder()
+    done = [engine.sync_weights(torch.nn.Linear(1, 1)) for _ in range(7)]
+    assert done == [False, False, True, False, False, True, False] and engine.pushed == 2
+    assert engine.sync_weights(torch.nn.Linear(1, 1), force=True) and engine.pushed == 3
+
+
+@pytest.mark.parametrize("field,value", [("n", 0), ("temperature", -1.0), ("top_p", 0.0), ("top_k", -2),
+                                         ("min_p", 1.5), ("repetition_penalty", 0.0), ("max_new_tokens", 0)])
+def test_sampling_params_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
+        SamplingParams(**{field: value})
+
+
+def test_bad_prompts_and_config_errors(tiny):
+    _, tok = tiny
+    with pytest.raises(TypeError, match="prompt 1"):
+        encode_prompts(tok, ["ok", 3.5])
+    with pytest.raises(ValueError, match="prompt 0: a conversation message needs 'role' and 'content'"):
+        encode_prompts(tok, [[{"text": "hi"}]])
+    with pytest.raises(ValueError, match="unknown sampling parameter"):
+        SamplingParams.from_dict({"temprature": 1.0})
+    with pytest.raises(ValueError, match="vllm_mode='remote'"):
+        OnlineEngineArgs(vllm_mode="remote")
