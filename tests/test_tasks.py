@@ -1,0 +1,202 @@
+"""posttrain.tasks: the arithmetic task's data in every format, its rewards, and exact-match evaluation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from posttrain.data import DatasetKind, validate_dataset
+from posttrain.models import build_tiny
+from posttrain.tasks import (
+    ArithmeticTask,
+    Problem,
+    accuracy_reward,
+    check_step,
+    exact_match,
+    extract_answer,
+    format_reward,
+    solve,
+)
+
+KINDS = {
+    "language_modeling": DatasetKind.LANGUAGE_MODELING,
+    "prompt_only": DatasetKind.PROMPT_ONLY,
+    "prompt_completion": DatasetKind.PROMPT_COMPLETION,
+    "preference": DatasetKind.PREFERENCE,
+    "unpaired_preference": DatasetKind.UNPAIRED_PREFERENCE,
+    "stepwise": DatasetKind.STEPWISE,
+}
+
+
+def step_is_right(step: str) -> bool:
+    """Independent check of one column step, by evaluating its left-hand side as Python."""
+    m = re.fullmatch(r"([0-9+\-]+)=(\d+), write (\d) (carry|borrow) (\d)\.", step)
+    assert m, f"not a column step: {step!r}"
+    lhs, value, written, kind, out = m[1], int(m[2]), int(m[3]), m[4], int(m[5])
+    if eval(lhs) != value:  # noqa: S307 - digits and +/- only, matched above
+        return False
+    if kind == "carry":
+        return written == value % 10 and out == value // 10
+    borrowed = lhs.startswith("1") and len(lhs.split("-")[0]) == 2
+    return written == value and 0 <= value <= 9 and out == int(borrowed)
+
+
+def stated_answer_is_consistent(steps: list[str]) -> bool:
+    """The final answer is the written digits (plus a final carry), read left to right."""
+    digits, carry = [], 0
+    for s in steps[:-1]:
+        m = re.search(r"write (\d) (carry|borrow) (\d)", s)
+        digits.append(m[1])
+        carry = int(m[3]) if m[2] == "carry" else 0
+    expected = int(("1" if carry else "") + "".join(reversed(digits)))
+    return extract_answer(steps[-1]) == str(expected)
+
+
+def text_of(x):
+    return x if isinstance(x, str) else x[-1]["content"]
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_format_validates(kind, conversational):
+    task = ArithmeticTask(digits=2, seed=1, conversational=conversational,
+                          system_prompt="Solve it." if conversational else None)
+    ds = getattr(task, kind)(20)
+    info = validate_dataset(ds, [KINDS[kind]])
+    assert info.kind is KINDS[kind] and info.conversational is conversational
+    assert len(ds) == 20 and "answer" in ds.column_names
+    first = ds[0]
+    key = "messages" if kind == "language_modeling" and conversational else (
+        "text" if kind == "language_modeling" else "prompt")
+    if conversational:
+        assert first[key][0] == {"role": "system", "content": "Solve it."}
+        assert first[key][1]["role"] == "user"
+    for row in ds:
+        a, op, b = re.search(r"What is (\d+) ([+-]) (\d+)\?", str(row[key])).groups()
+        assert row["answer"] == str(int(a) + int(b))
+
+
+def test_implicit_prompt_preference():
+    for conversational in (False, True):
+        ds = ArithmeticTask(conversational=conversational).preference(10, implicit_prompt=True)
+        info = validate_dataset(ds, [DatasetKind.PREFERENCE])
+        assert info.implicit_prompt and "prompt" not in ds.column_names
+
+
+def test_solutions_are_correct_and_checkable():
+    task = ArithmeticTask(digits=3, seed=2, operations=("+", "-"))
+    for p in task.problems(200):
+        sol = solve(p)
+        assert sol.correct and sol.answer == str(p.answer)
+        assert all(step_is_right(s) and check_step(s) for s in sol.steps[:-1])
+        assert stated_answer_is_consistent(list(sol.steps))
+    assert solve(Problem(47, 85)).text == "7+5=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. <answer>132</answer>"
+    assert solve(Problem(85, 47, "-")).text == "15-7=8, write 8 borrow 1. 8-4-1=3, write 3 borrow 0. <answer>38</answer>"
+    assert solve(Problem(105, 98, "-")).answer == "7"
+
+
+def test_preference_rejected_is_wrong_and_chosen_right():
+    ds = ArithmeticTask(digits=3, seed=3, operations=("+", "-")).preference(100)
+    for row in ds:
+        assert extract_answer(row["chosen"]) == row["answer"]
+        assert extract_answer(row["rejected"]) != row["answer"]
+        steps = re.findall(r"[^.<]+\.|<answer>.*?</answer>", row["rejected"])
+        wrong_steps = [s.strip() for s in steps[:-1] if not step_is_right(s.strip())]
+        # either exactly one wrong column step (the error propagates), or a wrong final answer only
+        assert len(wrong_steps) == 1 or (not wrong_steps and not stated_answer_is_consistent([s.strip() for s in steps]))
+
+
+def test_stepwise_labels_match_the_arithmetic():
+    ds = ArithmeticTask(digits=3, seed=4, operations=("+", "-")).stepwise(200)
+    n_with_error = 0
+    for row in ds:
+        steps, labels = row["completions"], row["labels"]
+        assert len(steps) == len(labels) == 4
+        first_false = labels.index(False) if False in labels else len(labels)
+        assert labels == [True] * first_false + [False] * (len(labels) - first_false)
+        assert all(step_is_right(s) for s in steps[:min(first_false, 3)])
+        if first_false < len(labels):
+            n_with_error += 1
+            assert extract_answer(steps[-1]) != row["answer"]
+            if first_false < 3:  # the first wrong step is wrong on its face
+                assert not step_is_right(steps[first_false]) and check_step(steps[first_false]) is False
+            else:  # all columns right, the final answer does not match them
+                assert not stated_answer_is_consistent(steps)
+        else:
+            assert extract_answer(steps[-1]) == row["answer"]
+    assert 70 <= n_with_error <= 130  # about half
+
+
+def test_unpaired_labels():
+    ds = ArithmeticTask(seed=5).unpaired_preference(200)
+    for row in ds:
+        assert (extract_answer(row["completion"]) == row["answer"]) is row["label"]
+    assert 70 <= sum(ds["label"]) <= 130
+
+
+def test_split_is_disjoint_and_deterministic():
+    task = ArithmeticTask(digits=2, seed=0)
+    dd = task.split(300, 100)
+    assert set(dd) == {"train", "test"}
+    assert dd["train"].column_names == ["prompt", "completion", "answer"]
+    assert dd["test"].column_names == ["prompt", "answer"]
+
+    def key(prompt):
+        a, b = map(int, re.findall(r"\d+", prompt))
+        return min(a, b), max(a, b)
+
+    train = {key(p) for p in dd["train"]["prompt"]}
+    test = {key(p) for p in dd["test"]["prompt"]}
+    assert len(train) == 300 and len(test) == 100 and not train & test
+    assert ArithmeticTask(digits=2, seed=0).split(300, 100)["test"]["prompt"] == dd["test"]["prompt"]
+    assert ArithmeticTask(digits=2, seed=1).prompt_only(50)["prompt"] != task.prompt_only(50)["prompt"]
+    # a small problem space can be exhausted exactly, and not beyond
+    one = ArithmeticTask(digits=1)
+    assert len({(p.a, p.b) for p in one.problems(55)}) == 55
+    with pytest.raises(ValueError, match="only 55"):
+        one.problems(56)
+
+
+def test_rewards():
+    good = "7+5=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. <answer>132</answer>"
+    bad = "7+5=13, write 3 carry 1. 4+8+1=13, write 3 carry 1. <answer>133</answer>"
+    prompts = ["What is 47 + 85?\n"] * 5
+    completions = [good, bad, "no answer here", "<answer> 132 </answer>", [{"role": "assistant", "content": good}]]
+    assert accuracy_reward(prompts, completions, answer=["132"] * 5) == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert format_reward(prompts, completions) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert format_reward([""], ["<answer>5</answer><answer>6</answer>"]) == [0.0]
+    assert extract_answer("<answer>1</answer> then <answer>2</answer>") == "2"
+    assert extract_answer("nothing") is None
+    assert check_step("not a step") is None
+
+
+def test_exact_match_on_tiny_model():
+    model, tok = build_tiny("nano")
+    task = ArithmeticTask(digits=1)
+    acc, samples = exact_match(model, tok, task.prompt_only(6), max_new_tokens=6, batch_size=4, return_samples=True)
+    assert 0.0 <= acc <= 1.0 and len(samples) == 6
+    assert all(isinstance(c, str) for _, c, _ in samples)
+    assert acc == sum(ok for *_, ok in samples) / 6
+    assert tok.padding_side == "right" and not model.training
+    conv = ArithmeticTask(digits=1, conversational=True).prompt_only(3)
+    assert 0.0 <= exact_match(model, tok, conv, max_new_tokens=4) <= 1.0
+
+
+def test_exact_match_scores_a_perfect_model():
+    """A model that always emits the right solution must score 1.0: stub generate with the true answers."""
+    model, tok = build_tiny("nano")
+    ds = ArithmeticTask(digits=2, seed=7).prompt_only(5)
+    import torch
+
+    def fake_generate(input_ids, attention_mask=None, **kwargs):
+        rows = []
+        for ids in input_ids.tolist():
+            q = tok.decode(ids, skip_special_tokens=True)
+            a, b = map(int, re.findall(r"\d+", q))
+            rows.append(ids + tok(solve(Problem(a, b)).text, add_special_tokens=False)["input_ids"])
+        width = max(map(len, rows))
+        return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+
+    model.generate = fake_generate
+    assert exact_match(model, tok, ds, batch_size=2) == 1.0
