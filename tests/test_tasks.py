@@ -34,11 +34,11 @@ def step_is_right(step: str) -> bool:
     m = re.fullmatch(r"([0-9+\-]+)=(\d+), write (\d) (carry|borrow) (\d)\.", step)
     assert m, f"not a column step: {step!r}"
     lhs, value, written, kind, out = m[1], int(m[2]), int(m[3]), m[4], int(m[5])
-    if eval(lhs) != value:  # noqa: S307 - digits and +/- only, matched above
+    if eval(re.sub(r"\b0+(\d)", r"\1", lhs)) != value:  # noqa: S307 - digits and +/- only, matched above
         return False
     if kind == "carry":
         return written == value % 10 and out == value // 10
-    borrowed = lhs.startswith("1") and len(lhs.split("-")[0]) == 2
+    borrowed = int(lhs.split("-")[0]) >= 10
     return written == value and 0 <= value <= 9 and out == int(borrowed)
 
 
@@ -91,8 +91,9 @@ def test_solutions_are_correct_and_checkable():
         assert sol.correct and sol.answer == str(p.answer)
         assert all(step_is_right(s) and check_step(s) for s in sol.steps[:-1])
         assert stated_answer_is_consistent(list(sol.steps))
-    assert solve(Problem(47, 85)).text == "7+5=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. <answer>132</answer>"
-    assert solve(Problem(85, 47, "-")).text == "15-7=8, write 8 borrow 1. 8-4-1=3, write 3 borrow 0. <answer>38</answer>"
+    assert solve(Problem(47, 85)).text == "7+5+0=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. <answer>132</answer>"
+    assert solve(Problem(85, 47, "-")).text == "15-7-0=8, write 8 borrow 1. 08-4-1=3, write 3 borrow 0. <answer>38</answer>"
+    assert solve(Problem(12, 30)).text == "2+0+0=02, write 2 carry 0. 1+3+0=04, write 4 carry 0. <answer>42</answer>"
     assert solve(Problem(105, 98, "-")).answer == "7"
 
 
@@ -159,8 +160,8 @@ def test_split_is_disjoint_and_deterministic():
 
 
 def test_rewards():
-    good = "7+5=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. <answer>132</answer>"
-    bad = "7+5=13, write 3 carry 1. 4+8+1=13, write 3 carry 1. <answer>133</answer>"
+    good = "7+5+0=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. <answer>132</answer>"
+    bad = "7+5+0=13, write 3 carry 1. 4+8+1=13, write 3 carry 1. <answer>133</answer>"
     prompts = ["What is 47 + 85?\n"] * 5
     completions = [good, bad, "no answer here", "<answer> 132 </answer>", [{"role": "assistant", "content": good}]]
     assert accuracy_reward(prompts, completions, answer=["132"] * 5) == [1.0, 0.0, 0.0, 1.0, 1.0]

@@ -7,15 +7,17 @@ process-reward models, online RL) can be shown to *learn* something in tests and
 A worked solution, right to left, one step per column, then the answer::
 
     What is 47 + 85?
-    7+5=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. <answer>132</answer>
+    7+5+0=12, write 2 carry 1. 4+8+1=13, write 3 carry 1. <answer>132</answer>
 
     What is 85 - 47?
-    15-7=8, write 8 borrow 1. 8-4-1=3, write 3 borrow 0. <answer>38</answer>
+    15-7-0=8, write 8 borrow 1. 08-4-1=3, write 3 borrow 0. <answer>38</answer>
 
-Each step states its own arithmetic: an addition step ``x+y[+1]=s, write s%10 carry s//10.``;
-a subtraction step ``[1]x-y[-1]=d, write d borrow b.`` where the leading 1 (borrowing ten) is
-there exactly when ``b`` is 1. So a wrong step is wrong on its face. The final carry of an addition
-becomes the answer's leading digit.
+Each step states its own arithmetic: an addition step ``x+y+c=ss, write s%10 carry s//10.`` (incoming
+carry ``c`` always written, sum always two digits); a subtraction step ``tt-y-c=d, write d borrow b.``
+where ``tt`` is the top digit, plus ten exactly when ``b`` is 1, always two digits. So a wrong step is
+wrong on its face, and every step of a problem has the same length: a step's digits sit at fixed
+offsets from the question's, which a tiny transformer learns to look up far more easily than offsets
+that drift with each optional ``+1`` or one-digit sum. The final carry becomes the answer's leading digit.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ __all__ = [
 ]
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_ADD_STEP = re.compile(r"^(\d)\+(\d)(\+1)?=(\d+), write (\d) carry (\d)\.$")
-_SUB_STEP = re.compile(r"^(1?)(\d)-(\d)(-1)?=(\d+), write (\d) borrow (\d)\.$")
+_ADD_STEP = re.compile(r"^(\d)\+(\d)\+([01])=(\d\d), write (\d) carry (\d)\.$")
+_SUB_STEP = re.compile(r"^(\d\d)-(\d)-([01])=(\d+), write (\d) borrow (\d)\.$")
 _FORMAT_RE = re.compile(
-    r"^\s*(?:(?:\d\+\d(?:\+1)?=\d+, write \d carry \d\.|1?\d-\d(?:-1)?=\d+, write \d borrow \d\.)\s+)*"
+    r"^\s*(?:(?:\d\+\d\+[01]=\d\d, write \d carry \d\.|\d\d-\d-[01]=\d+, write \d borrow \d\.)\s+)*"
     r"<answer>-?\d+</answer>\s*$"
 )
 
@@ -108,7 +110,7 @@ def solve(problem: Problem, error_step: int | None = None, rng: random.Random | 
             s = x + y + carry
             if k == error_step:
                 s = _wrong(s, 0, 19, rng)
-            steps.append(f"{x}+{y}{'+1' if carry else ''}={s}, write {s % 10} carry {s // 10}.")
+            steps.append(f"{x}+{y}+{carry}={s:02d}, write {s % 10} carry {s // 10}.")
             digits.append(s % 10)
             carry = s // 10
         else:
@@ -116,7 +118,7 @@ def solve(problem: Problem, error_step: int | None = None, rng: random.Random | 
             d = 10 * borrow + x - y - carry
             if k == error_step:
                 d = _wrong(d, 0, 9, rng)
-            steps.append(f"{'1' if borrow else ''}{x}-{y}{'-1' if carry else ''}={d}, write {d} borrow {borrow}.")
+            steps.append(f"{10 * borrow + x:02d}-{y}-{carry}={d}, write {d} borrow {borrow}.")
             digits.append(d)
             carry = borrow
     if problem.op == "+" and carry:
@@ -136,13 +138,13 @@ def check_step(step: str) -> bool | None:
     step = step.strip()
     m = _ADD_STEP.match(step)
     if m:
-        s = int(m[1]) + int(m[2]) + (1 if m[3] else 0)
+        s = int(m[1]) + int(m[2]) + int(m[3])
         return int(m[4]) == s and int(m[5]) == s % 10 and int(m[6]) == s // 10
     m = _SUB_STEP.match(step)
     if m:
-        ten = 10 if m[1] else 0
-        d = ten + int(m[2]) - int(m[3]) - (1 if m[4] else 0)
-        return 0 <= d <= 9 and int(m[5]) == d and int(m[6]) == d and int(m[7]) == (1 if ten else 0)
+        top = int(m[1])
+        d = top - int(m[2]) - int(m[3])
+        return top < 20 and 0 <= d <= 9 and int(m[4]) == d and int(m[5]) == d and int(m[6]) == int(top >= 10)
     return None
 
 
