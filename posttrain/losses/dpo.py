@@ -1,0 +1,229 @@
+"""Direct Preference Optimization and its pairwise loss variants.
+
+Every function here is pure: per-sequence log-probs in, ``(losses [B], metrics)`` out. The trainer sums
+per-token log-probs over each completion (``chosen_logps = sum_t log pi(y_w,t | x, y_w,<t)``) and passes
+the reference model's sums alongside; this module never sees logits or token ids.
+
+Notation used in the docstrings, per pair ``i``:
+
+- ``c = log pi(y_w|x) - log pi_ref(y_w|x)`` (chosen log-ratio), ``r = log pi(y_l|x) - log pi_ref(y_l|x)``
+  (rejected log-ratio), ``h = c - r`` (the DPO logit), ``beta`` the KL strength, ``eps`` the label
+  smoothing, ``sigma`` the logistic function.
+- With ``reference_free=True`` the reference log-probs are taken as 0 (a uniform reference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+DPO_LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_pair", "apo_zero", "apo_down", "discopop", "sft",
+)
+
+
+def _sigmoid_smoothed(x: Tensor, eps: float) -> Tensor:
+    """``-(1 - eps) log sigma(x) - eps log sigma(-x)``: the (conservative) logistic loss."""
+    return -(1.0 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+
+
+def dpo_single_loss(
+    loss_type: str,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    bco_delta: float | Tensor = 0.0,
+    discopop_tau: float = 0.05,
+    chosen_lengths: Tensor | None = None,
+) -> Tensor:
+    """Per-pair loss ``[B]`` of one DPO variant; ``c``, ``r`` are the chosen/rejected log-ratios.
+
+    Formulas (``h = c - r``):
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023, arXiv:2305.18290; with ``eps > 0`` conservative DPO,
+      Mitchell 2023): ``-(1-eps) log sigma(beta h) - eps log sigma(-beta h)``.
+    - ``robust`` (rDPO, Chowdhury et al. 2024, arXiv:2403.00409):
+      ``[-(1-eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps)``.
+    - ``hinge`` (SLiC, Zhao et al. 2023, arXiv:2305.10425): ``max(0, 1 - beta h)``.
+    - ``ipo`` (IPO, Azar et al. 2023, arXiv:2310.12036): ``(h - 1/(2 beta))^2``; the trainer passes
+      length-averaged log-probs for this type (see :func:`dpo_loss`).
+    - ``exo_pair`` (EXO, Ji et al. 2024, arXiv:2402.00856), with ``eps`` defaulting to 1e-3:
+      ``sigma(beta h)(log sigma(beta h) - log(1-eps)) + sigma(-beta h)(log sigma(-beta h) - log eps)``.
+    - ``nca_pair`` (NCA, Chen et al. 2024, arXiv:2402.05369):
+      ``-log sigma(beta c) - 0.5 log sigma(-beta c) - 0.5 log sigma(-beta r)``.
+    - ``bco_pair`` (BCO, Jung et al. 2024, arXiv:2404.04656) with reward shift ``delta``:
+      ``-log sigma(beta c - delta) - log sigma(-(beta r - delta))``.
+    - ``sppo_hard`` (SPPO, Wu et al. 2024, arXiv:2405.00675, hard-label form):
+      ``(c - 1/(2 beta))^2 + (r + 1/(2 beta))^2``.
+    - ``aot_pair`` (AOT, Melnyk et al. 2024, arXiv:2406.05882): sort ``c`` and ``r`` over the batch
+      separately, ``d = sort(c) - sort(r)``, loss ``-(1-eps) log sigma(beta d) - eps log sigma(-beta d)``.
+    - ``aot`` (AOT, same paper): ``d = sort(log pi(y_w) - log pi(y_l)) - sort(log ref(y_w) - log ref(y_l))``
+      with the same logistic loss.
+    - ``apo_zero`` (APO, D'Oosterlinck et al. 2024, arXiv:2408.06266): ``1 - sigma(beta c) + sigma(beta r)``.
+    - ``apo_down`` (same paper): ``sigma(beta c) + 1 - sigma(beta (c - r))``.
+    - ``discopop`` (DiscoPOP, Chris Lu et al. 2024, arXiv:2406.08414), ``x = beta h``,
+      ``m = sigma(x / tau)``: ``(1 - m)(-log sigma(x)) + m exp(-x)``.
+    - ``sft``: negative log-likelihood of the chosen response per token, ``-log pi(y_w|x) / |y_w|``
+      (used as one term of MPO mixes, Wang et al. 2024, arXiv:2411.10442).
+    """
+    chosen_logratios = chosen_logps - ref_chosen_logps
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        return _sigmoid_smoothed(beta * h, eps)
+    if loss_type == "robust":
+        if not 0.0 <= eps < 0.5:
+            raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
+        return (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1.0 - 2.0 * eps)
+    if loss_type == "hinge":
+        return torch.relu(1.0 - beta * h)
+    if loss_type == "ipo":
+        return (h - 1.0 / (2.0 * beta)) ** 2
+    if loss_type == "exo_pair":
+        e = eps if eps > 0 else 1e-3
+        x = beta * h
+        return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-e)) + torch.sigmoid(-x) * (F.logsigmoid(-x) - math.log(e))
+    if loss_type == "nca_pair":
+        cw, rw = beta * chosen_logratios, beta * rejected_logratios
+        return -F.logsigmoid(cw) - 0.5 * F.logsigmoid(-cw) - 0.5 * F.logsigmoid(-rw)
+    if loss_type == "bco_pair":
+        cw, rw = beta * chosen_logratios, beta * rejected_logratios
+        return -F.logsigmoid(cw - bco_delta) - F.logsigmoid(-(rw - bco_delta))
+    if loss_type == "sppo_hard":
+        return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    if loss_type == "aot_pair":
+        d = torch.sort(chosen_logratios).values - torch.sort(rejected_logratios).values
+        return _sigmoid_smoothed(beta * d, eps)
+    if loss_type == "aot":
+        d = torch.sort(chosen_logps - rejected_logps).values - torch.sort(ref_chosen_logps - ref_rejected_logps).values
+        return _sigmoid_smoothed(beta * d, eps)
+    if loss_type == "apo_zero":
+        return 1.0 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * chosen_logratios) + 1.0 - torch.sigmoid(beta * h)
+    if loss_type == "discopop":
+        x = beta * h
+        m = torch.sigmoid(x / discopop_tau)
+        return (1.0 - m) * -F.logsigmoid(x) + m * torch.exp(-x)
+    if loss_type == "sft":
+        nll = -chosen_logps
+        return nll / chosen_lengths.clamp(min=1) if chosen_lengths is not None else nll
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+
+
+def dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+    bco_delta: float | Tensor = 0.0,
+    discopop_tau: float = 0.05,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DPO loss per pair, for one loss type or a weighted mix of several (MPO).
+
+    ``loss = sum_k w_k * L_k(c, r)`` with ``L_k`` from :func:`dpo_single_loss`, ``w_k`` from ``loss_weights``
+    (default 1 each). Arguments are per-sequence *summed* log-probs ``[B]``; for ``ipo`` (and ``sft``)
+    the log-probs are divided by the completion lengths when they are given, as IPO is defined on
+    average per-token log-likelihoods in practice. ``reference_free`` treats the reference log-probs as 0.
+
+    The implicit rewards reported are ``beta * c`` and ``beta * r`` (Rafailov et al. 2023, Sec. 5).
+    Returns ``(losses [B], metrics)`` with ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+    ``rewards/accuracies`` (batch means, detached) and ``loss/<type>`` for each type in a mix.
+    """
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = list(loss_weights) if loss_weights is not None else [1.0] * len(types)
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} loss types {types}")
+    zeros = torch.zeros_like(chosen_logps)
+    if reference_free or ref_chosen_logps is None or ref_rejected_logps is None:
+        if not reference_free:
+            raise ValueError("reference log-probs are required unless reference_free=True")
+        ref_chosen_logps, ref_rejected_logps = zeros, zeros
+
+    losses = zeros
+    metrics: dict[str, Tensor] = {}
+    for name, w in zip(types, weights):
+        pc, pr, rc, rr = chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
+        if name == "ipo" and chosen_lengths is not None and rejected_lengths is not None:
+            lc, lr = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
+            pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
+        single = dpo_single_loss(
+            name, pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing, bco_delta=bco_delta,
+            discopop_tau=discopop_tau, chosen_lengths=chosen_lengths,
+        )
+        losses = losses + w * single
+        if len(types) > 1:
+            metrics[f"loss/{name}"] = single.detach().mean()
+
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps).detach()
+    metrics.update(reward_metrics(chosen_rewards, rejected_rewards))
+    return losses, metrics
+
+
+def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
+    """Batch means of the implicit rewards: chosen, rejected, margin, and the share of pairs ranked right."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+    }
+
+
+def chosen_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """Token-mean negative log-likelihood of the chosen responses: ``-sum_i log pi(y_w^i) / sum_i |y_w^i|``.
+
+    The NLL term of RPO (``rpo_alpha``, Pang et al. 2024, arXiv:2404.19733), CPO (``cpo_alpha``) and ORPO.
+    """
+    return -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+
+
+def length_desensitized_logps(
+    token_logps: Tensor, mask: Tensor, public_lengths: Tensor, alpha: float
+) -> Tensor:
+    """Per-sequence LD-DPO log-probs from per-token log-probs ``[N, L]`` and a completion mask ``[N, L]``.
+
+    LD-DPO (Liu et al. 2024, "Length Desensitization in Direct Preference Optimization",
+    arXiv:2409.06411) splits each response at the public length ``l_p = min(|y_w|, |y_l|)`` of its pair
+    and down-weights the excess: ``log p_hat(y|x) = sum_{t <= l_p} log p(y_t|.) + alpha * sum_{t > l_p} log p(y_t|.)``
+    (``t`` counts completion tokens only, i.e. masked positions). ``alpha = 1`` is plain DPO.
+    """
+    m = mask.to(token_logps.dtype)
+    position = mask.long().cumsum(-1)  # 1-based index among completion tokens
+    weight = torch.where(position <= public_lengths.unsqueeze(-1), 1.0, alpha).to(token_logps.dtype)
+    return (token_logps * m * weight).sum(-1)
+
+
+def ld_pair_logps(
+    chosen_token_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_token_logps: Tensor,
+    rejected_mask: Tensor,
+    alpha: float,
+) -> tuple[Tensor, Tensor]:
+    """LD-DPO log-probs ``(chosen [B], rejected [B])`` for paired rows; ``l_p`` is each pair's shorter length."""
+    public = torch.minimum(chosen_mask.sum(-1), rejected_mask.sum(-1))
+    return (
+        length_desensitized_logps(chosen_token_logps, chosen_mask, public, alpha),
+        length_desensitized_logps(rejected_token_logps, rejected_mask, public, alpha),
+    )

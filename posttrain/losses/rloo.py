@@ -1,0 +1,69 @@
+"""RLOO's policy loss and its sequence-level KL penalty.
+
+Ahmadian et al. 2024 ("Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+Feedback in LLMs") model a whole completion as one action: the estimator is
+``1/k * sum_i A_i * grad log pi(y_i | x)`` with ``log pi(y|x) = sum_t logp_t`` and the leave-one-out
+advantage of `posttrain.losses.advantages.rloo_advantages`. The KL to the reference policy goes either
+into the reward (``r - beta * KL(y)``, the paper's choice; see `sequence_kl`) or into the loss (k3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .grpo import aggregate_token_loss, clip_metrics, clipped_objective, importance_metrics, k3_kl
+from .grpo import masked_mean, truncated_importance_weights
+
+
+def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-completion KL estimate ``sum_t (logp_t - ref_logp_t)`` over the completion tokens (k1).
+
+    Its expectation under the policy is ``KL(pi(.|x) || pi_ref(.|x))`` of the whole sequence; RLOO
+    subtracts ``beta`` times it from the reward. Returns ``[B]``, detached.
+    """
+    return ((logps - ref_logps).detach() * mask.to(logps.dtype)).sum(-1)
+
+
+def rloo_loss(
+    logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    sampler_logps: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    is_cap: float = 2.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """REINFORCE-leave-one-out loss on the sequence log-prob, PPO-clipped per token::
+
+        r_{i,t} = exp(logp_{i,t} - old_logp_{i,t})
+        L = mean_i sum_t [ -w_{i,t} * min(r A_i, clip(r, 1-eps, 1+eps_high) A_i) + beta * kl3_{i,t} ]
+
+    With ``old_logps=None`` (one update per generation) ``r = 1`` and the gradient is exactly the
+    paper's ``-mean_i A_i * grad sum_t logp_{i,t}``; the clip only matters when a batch is reused
+    (``num_iterations > 1``). ``beta`` here is the KL-in-loss variant (k3, `k3_kl`); for the paper's
+    KL-in-reward variant pass ``beta=0`` and subtract ``beta * sequence_kl(...)`` from the rewards
+    before computing advantages. ``w`` is the truncated IS weight when ``sampler_logps`` is given.
+
+    Returns ``(loss, metrics)`` with the same metric names as `posttrain.losses.grpo.grpo_loss`.
+    """
+    maskf = mask.to(logps.dtype)
+    old = logps.detach() if old_logps is None else old_logps
+    adv = advantages.to(logps.dtype).unsqueeze(-1)
+    ratio = torch.exp(logps - old)
+    per_token = -clipped_objective(ratio, adv, epsilon, epsilon_high)
+    metrics: dict[str, torch.Tensor] = {}
+    if sampler_logps is not None:
+        weights = truncated_importance_weights(old, sampler_logps, is_cap)
+        per_token = per_token * weights
+        metrics.update(importance_metrics(weights, maskf))
+    if beta != 0.0 and ref_logps is not None:
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+        metrics["kl"] = masked_mean(kl.detach(), maskf)
+    loss = aggregate_token_loss(per_token, maskf, "sequence_sum")
+    metrics.update(clip_metrics(ratio, adv, maskf, epsilon, epsilon_high))
+    return loss, metrics
