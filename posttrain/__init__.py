@@ -17,10 +17,6 @@ _EXPORTS: dict[str, str] = {
     "PostTrainer": "posttrain.trainers.base",
     "SFTConfig": "posttrain.trainers.sft",
     "SFTTrainer": "posttrain.trainers.sft",
-    "RewardConfig": "posttrain.trainers.reward",
-    "RewardTrainer": "posttrain.trainers.reward",
-    "PRMConfig": "posttrain.trainers.prm",
-    "PRMTrainer": "posttrain.trainers.prm",
 }
 
 
