@@ -158,7 +158,8 @@ def test_stalled_then_killed_server_errors_within_timeout(hf_server):
     assert errors and isinstance(errors[0], RolloutServerError)
     assert "dropped the connection during POST /generate" in str(errors[0]) and server.url in str(errors[0])
     start = time.monotonic()
-    with pytest.raises(RolloutServerError, match=r"refused the connection.*posttrain serve"):
+    # Right after the kill the kernel may still reset rather than refuse: either way a clear error naming the URL.
+    with pytest.raises(RolloutServerError, match=r"(refused the connection.*posttrain serve|dropped the connection.*restart it)"):
         client.sync_weights(model, force=True)
     assert time.monotonic() - start < 10
 
