@@ -20,7 +20,8 @@ from typing import Any, Mapping
 import torch
 
 __all__ = ["measure_matmul_peak", "peak_rss_bytes", "reset_peak_rss", "RssSampler", "model_flops_per_token",
-           "make_chat_dataset", "make_preference_chat_dataset", "word_list", "print_report", "format_value"]
+           "make_chat_dataset", "make_preference_chat_dataset", "word_list", "print_report", "format_value",
+           "step_timer"]
 
 _CORPUS = Path(__file__).resolve().parent.parent / "posttrain" / "models" / "assets" / "corpus.txt"
 
@@ -293,13 +294,34 @@ def make_preference_chat_dataset(n: int, seed: int = 0, prompt_words: tuple[int,
     return datasets.Dataset.from_list(rows)
 
 
+# ------------------------------------------------------------------ step timing
+
+def step_timer():
+    """A ``transformers.TrainerCallback`` whose ``times`` list gets the wall time of every optimizer step."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t = 0.0
+
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self._t = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            self.times.append(time.perf_counter() - self._t)
+
+    return StepTimer()
+
+
 # ------------------------------------------------------------------ report
 
 _UNITS = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 
 
 def format_value(key: str, value: Any) -> str:
-    """Human-readable value: ``*bytes`` keys in KiB/MiB/GiB, ``*flop*`` keys as (k/M/G/T)FLOP[/s],
+    """Human-readable value: ``*bytes`` keys in KiB/MiB/GiB, ``*flop*`` keys as (k/M/G/T)FLOP[/s]
+    (keys already in GFLOP are left as numbers),
     ints with thousands separators, floats to 4 significant digits."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
@@ -309,7 +331,7 @@ def format_value(key: str, value: Any) -> str:
             if abs(value) >= scale:
                 return f"{value / scale:.2f} {unit}"
         return f"{int(value)} B"
-    if "flop" in k:
+    if "flop" in k and "gflop" not in k:
         suffix = "FLOP/s" if k.endswith(("per_s", "_s", "/s")) else "FLOP"
         for scale, unit in _UNITS:
             if abs(value) >= scale:
