@@ -17,6 +17,16 @@ _EXPORTS: dict[str, str] = {
     "PostTrainer": "posttrain.trainers.base",
     "SFTConfig": "posttrain.trainers.sft",
     "SFTTrainer": "posttrain.trainers.sft",
+    "DPOConfig": "posttrain.trainers.dpo",
+    "DPOTrainer": "posttrain.trainers.dpo",
+    "CPOConfig": "posttrain.trainers.cpo",
+    "CPOTrainer": "posttrain.trainers.cpo",
+    "ORPOConfig": "posttrain.trainers.orpo",
+    "ORPOTrainer": "posttrain.trainers.orpo",
+    "KTOConfig": "posttrain.trainers.kto",
+    "KTOTrainer": "posttrain.trainers.kto",
+    "BCOConfig": "posttrain.trainers.bco",
+    "BCOTrainer": "posttrain.trainers.bco",
 }
 
 

@@ -1,3 +1,8 @@
 """One module per method; importing this package registers every method with the CLI."""
 
 from . import sft  # noqa: F401  (one import line per method module; add yours below)
+from . import dpo  # noqa: F401
+from . import cpo  # noqa: F401
+from . import orpo  # noqa: F401
+from . import kto  # noqa: F401
+from . import bco  # noqa: F401

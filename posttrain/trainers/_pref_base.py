@@ -1,0 +1,228 @@
+"""Base config and trainer of the offline preference methods (DPO, CPO, ORPO, KTO, BCO).
+
+What lives here: paired-row tokenization (explicit or implicit prompt, plain or conversational), the packed
+chosen+rejected collator, the reference policy (separate model, PEFT base with adapters disabled, or
+precomputed once per example and cached), and the shared metrics. Each method's module adds its config
+fields and its ``compute_loss``.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import datasets
+import torch
+
+from ..data import DatasetKind, FormatInfo, split_implicit_prompt, validate_dataset
+from ..models import is_peft_model, load_model
+from ..ops.attention import use_varlen_attention
+from ._preference import SequenceCollator, SequenceLogps, sequence_logps, tokenize_completions
+from ._reference import (
+    dataset_content_hash, frozen_copy, model_fingerprint, precompute_columns, reference_context,
+)
+from .base import PostTrainConfig, PostTrainer
+
+logger = logging.getLogger(__name__)
+
+PAIR_FIELDS = (("prompt_ids", "chosen_ids"), ("prompt_ids", "rejected_ids"))
+
+
+@dataclass
+class PreferenceConfig(PostTrainConfig):
+    """Fields shared by the offline preference methods (names follow TRL's configs)."""
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate of AdamW."})
+    beta: float = field(default=0.1, metadata={"help": "Strength of the implicit KL / reward scale."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Keep only the last N prompt tokens (None: no limit besides max_length)."})
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Pack all sequences of a batch (chosen and rejected) into as few rows as possible, "
+                  "with per-sequence position ids: no compute on padding, no attention across sequences."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Round row lengths up to a multiple."})
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        super().__post_init__()
+
+
+@dataclass
+class ReferenceConfig(PreferenceConfig):
+    """Preference methods with a reference policy (DPO, KTO, BCO)."""
+
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Run the reference once per example before training, cache the log-probs with the "
+                  "dataset (reused by later epochs and re-runs) and free the reference model."})
+    precompute_ref_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size of the precompute pass (default: the eval batch size)."})
+    ref_logps_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where precomputed reference log-probs are cached "
+                                "(default: $HF_DATASETS_CACHE/posttrain_ref_logps)."})
+
+
+class PreferenceTrainerBase(PostTrainer):
+    """Shared machinery; subclasses set ``uses_reference`` and ``ref_columns`` and write ``compute_loss``."""
+
+    accepted_formats: ClassVar[Sequence[DatasetKind]] = (DatasetKind.PREFERENCE,)
+    uses_reference: ClassVar[bool] = False
+    # precomputed reference columns and the collator field pairs they follow, column-major
+    ref_columns: ClassVar[tuple[str, ...]] = ("ref_chosen_logps", "ref_rejected_logps")
+    seq_fields: ClassVar[tuple[tuple[str, str], ...]] = PAIR_FIELDS
+    token_columns: ClassVar[tuple[str, ...]] = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+    def __init__(self, model: Any, ref_model: Any = None, args: PostTrainConfig | None = None,
+                 data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, peft_config: Any = None, **kwargs: Any) -> None:
+        super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
+                         **kwargs)
+        self.model_accepts_loss_kwargs = False  # losses are per-batch means already
+        self.ref_model = None
+        if self.uses_reference and not self._reference_free():
+            self._setup_reference(ref_model)
+        elif ref_model is not None:
+            logger.warning("%s does not use a reference model; ref_model is ignored", type(self).__name__)
+
+    # ------------------------------------------------------------------------------------------ data
+    def prepare_dataset(self, dataset: Any, name: str) -> datasets.Dataset:
+        # Python rows are checked before Arrow conversion, which would fail on a mistyped row without
+        # saying which row and field.
+        if isinstance(dataset, (list, tuple, dict)) and not isinstance(dataset, datasets.DatasetDict):
+            validate_dataset(dataset, self.accepted_formats)
+        return super().prepare_dataset(dataset, name)
+
+    def preprocess_dataset(self, dataset: datasets.Dataset, info: FormatInfo) -> datasets.Dataset:
+        if info.kind is DatasetKind.PREFERENCE and info.implicit_prompt:
+            dataset = dataset.map(split_implicit_prompt, desc="split implicit prompts")
+        return dataset
+
+    def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
+        prompt_ids, (chosen, rejected), truncated = tokenize_completions(
+            self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]], max_length=self.args.max_length,
+            max_prompt_length=self.args.max_prompt_length, tools=row.get("tools"))
+        return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "truncated": truncated}
+
+    def make_collator(self) -> SequenceCollator:
+        return SequenceCollator(self.tokenizer.pad_token_id, self.seq_fields, padding_free=self.args.padding_free,
+                                passthrough=self.ref_columns + ("label", "udm_weight"),
+                                pad_to_multiple_of=self.args.pad_to_multiple_of)
+
+    # ------------------------------------------------------------------------------------- reference
+    def _reference_free(self) -> bool:
+        return bool(getattr(self.args, "reference_free", False))
+
+    def _setup_reference(self, ref_model: Any) -> None:
+        args = self.args
+        precompute = bool(getattr(args, "precompute_ref_log_probs", False))
+        if isinstance(ref_model, str):
+            ref_model = load_model(ref_model, **dict(args.model_init_kwargs or {}))
+        if ref_model is not None and is_peft_model(self.model):
+            logger.warning("a PEFT model is its own reference (adapters disabled); the given ref_model is unused")
+            ref_model = None
+        if ref_model is None and not is_peft_model(self.model) and not precompute:
+            ref_model = frozen_copy(self.model)  # the initial policy, frozen
+        if ref_model is not None:
+            if args.padding_free:
+                use_varlen_attention(ref_model)  # as the base class did for the policy
+            ref_model.eval().requires_grad_(False)
+            ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.ref_model = ref_model
+        if precompute:
+            self._precompute_reference()
+            self.ref_model = None  # the cached columns replace it
+            del ref_model
+            gc.collect()
+
+    def reference_forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-sequence reference log-probs ``[S]`` of a collated batch (the only reference forward)."""
+        with reference_context(self.model, self.ref_model) as ref:
+            return self.sequence_scores(sequence_logps(ref, batch, chunk_size=self.args.logits_chunk_size))
+
+    def sequence_scores(self, out: SequenceLogps) -> torch.Tensor:
+        """The per-sequence log-probs ``[S]`` the loss uses, the same for policy and reference (default: sums;
+        DPO's ``ld_alpha`` re-weights the tails)."""
+        return out.logps
+
+    def reference_forward_all(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Every reference value a batch needs, in ``ref_columns`` order (column-major), ``[len(ref_columns) * B]``."""
+        return self.reference_forward(batch)
+
+    def reference_logps(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Reference log-probs: the precomputed columns when present, else reference forwards."""
+        if all(c in inputs for c in self.ref_columns):
+            return torch.cat([inputs[c].float() for c in self.ref_columns])
+        if getattr(self.args, "precompute_ref_log_probs", False):
+            raise RuntimeError("precompute_ref_log_probs=True but the batch has no reference columns")
+        return self.reference_forward_all(inputs)
+
+    def _precompute_reference(self) -> None:
+        args = self.args
+        collate = self.make_collator()
+        ref_module = self.ref_model if self.ref_model is not None else self.model
+
+        def compute(batch: dict) -> torch.Tensor:
+            batch = self._prepare_input(batch)
+            for c in self.ref_columns:
+                batch.pop(c, None)
+            return self.reference_forward_all(batch)
+
+        key_base = {"method": type(self).__name__, "ref": model_fingerprint(ref_module, exclude_adapters=True),
+                    "columns": list(self.ref_columns), "max_length": args.max_length,
+                    "max_prompt_length": args.max_prompt_length, "ld_alpha": getattr(args, "ld_alpha", None)}
+        batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+        show = not args.disable_tqdm and self.is_world_process_zero()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.train_dataset is not None:
+                self.train_dataset = self._precompute_dataset(self.train_dataset, "train", compute, collate,
+                                                              key_base, batch_size, show)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._precompute_dataset(v, f"eval/{k}", compute, collate, key_base,
+                                                                 batch_size, show)
+                                     for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_dataset(self.eval_dataset, "eval", compute, collate,
+                                                             key_base, batch_size, show)
+        finally:
+            self.model.train(was_training)
+
+    def _precompute_dataset(self, dataset, name, compute, collate, key_base, batch_size, show):
+        columns = [c for c in self.token_columns if c in dataset.column_names]
+        key = {**key_base, "data": dataset_content_hash(dataset, columns)}
+        return precompute_columns(
+            dataset, columns=self.ref_columns, collate=collate, compute=compute, batch_size=batch_size,
+            cache_key=key, cache_dir=getattr(self.args, "ref_logps_cache_dir", None),
+            description=f"reference log-probs ({name})", show_progress=show)
+
+    # --------------------------------------------------------------------------------------- forward
+    def policy_logps(self, model: torch.nn.Module, inputs: dict[str, Any]) -> SequenceLogps:
+        """Per-sequence policy log-probs of the whole collated batch in one forward."""
+        return sequence_logps(model, inputs, chunk_size=self.args.logits_chunk_size, with_logits_mean=True)
+
+    def finish_loss(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], return_outputs: bool) -> Any:
+        """Store this micro-batch's metrics and return what ``compute_loss`` must return."""
+        self.store_metrics(metrics)
+        return (loss, metrics) if return_outputs else loss
+
+    @staticmethod
+    def pair_logp_metrics(out: SequenceLogps, n_pairs: int) -> dict[str, torch.Tensor]:
+        """``logps/chosen|rejected`` (summed log-prob means) and ``logits/chosen|rejected`` (mean logits)."""
+        lp = out.logps.detach()
+        metrics = {"logps/chosen": lp[:n_pairs].mean(), "logps/rejected": lp[n_pairs:].mean()}
+        if out.logits_mean is not None:
+            metrics["logits/chosen"] = out.logits_mean[:n_pairs].mean()
+            metrics["logits/rejected"] = out.logits_mean[n_pairs:].mean()
+        return metrics
+
+
+class ReferenceFreeTrainerBase(PreferenceTrainerBase):
+    """Pairwise methods without a reference model (CPO, ORPO), with TRL's ``(model, args, ...)`` argument order;
+    a ``ref_model`` keyword is accepted and ignored with a warning."""
+
+    def __init__(self, model: Any, args: PreferenceConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(model, kwargs.pop("ref_model", None), args=args, **kwargs)

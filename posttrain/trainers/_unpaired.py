@@ -1,0 +1,89 @@
+"""Base of the unpaired preference trainers (KTO, BCO): rows are ``(prompt, completion, label)``.
+
+Paired preference data is accepted too and unpaired first (each pair becomes a desirable and an undesirable
+row, see :func:`posttrain.data.unpair_preference`). Batches hold one sequence per row; KTO adds a second group
+of sequences for its KL reference point (each prompt with another row's completion).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import datasets
+import torch
+
+from ..data import DatasetKind, FormatInfo, unpair_preference
+from ._pref_base import PreferenceTrainerBase
+from ._preference import SequenceCollator, tokenize_completions
+
+__all__ = ["UnpairedTrainerBase", "KLCollator", "unpaired_summary"]
+
+
+class KLCollator(SequenceCollator):
+    """Completion sequences as usual, plus ``kl_batch``: the same prompts with mismatched completions."""
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        batch = super().__call__(features)
+        kl = SequenceCollator(self.pad_token_id, (("prompt_ids", "kl_completion_ids"),),
+                              padding_free=self.padding_free, pad_to_multiple_of=self.pad_to_multiple_of)
+        batch["kl_batch"] = kl(features)
+        return batch
+
+
+class UnpairedTrainerBase(PreferenceTrainerBase):
+    """Tokenizes unpaired rows and reports label-split metrics; subclasses write ``compute_loss``."""
+
+    accepted_formats: ClassVar = (DatasetKind.UNPAIRED_PREFERENCE, DatasetKind.PREFERENCE)
+    uses_reference: ClassVar[bool] = True
+    seq_fields: ClassVar = (("prompt_ids", "completion_ids"),)
+    ref_columns: ClassVar[tuple[str, ...]] = ("ref_logps",)
+    token_columns: ClassVar[tuple[str, ...]] = ("prompt_ids", "completion_ids", "kl_completion_ids")
+    needs_kl: ClassVar[bool] = False
+
+    def preprocess_dataset(self, dataset: datasets.Dataset, info: FormatInfo) -> datasets.Dataset:
+        if info.kind is DatasetKind.PREFERENCE:
+            dataset = unpair_preference(dataset)
+        return dataset
+
+    def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
+        prompt_ids, (completion,), truncated = tokenize_completions(
+            self.tokenizer, row["prompt"], [row["completion"]], max_length=self.args.max_length,
+            max_prompt_length=self.args.max_prompt_length, tools=row.get("tools"))
+        return {"prompt_ids": prompt_ids, "completion_ids": completion, "label": bool(row["label"]),
+                "truncated": truncated}
+
+    def prepare_dataset(self, dataset: Any, name: str) -> datasets.Dataset:
+        tokenized = super().prepare_dataset(dataset, name)
+        if self.needs_kl:
+            tokenized = add_mismatched_completions(tokenized)
+        return tokenized
+
+    def make_collator(self) -> SequenceCollator:
+        cls = KLCollator if self.needs_kl else SequenceCollator
+        return cls(self.tokenizer.pad_token_id, self.seq_fields, padding_free=self.args.padding_free,
+                   passthrough=self.ref_columns + ("label", "udm_weight"),
+                   pad_to_multiple_of=self.args.pad_to_multiple_of)
+
+
+def add_mismatched_completions(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Add ``kl_completion_ids``: row ``i`` gets the completion of row ``(i + n // 2) % n``.
+
+    A fixed half-length shift never pairs a row with itself (n > 1) nor with its sibling from an unpaired
+    pair (rows 2k, 2k+1 share a prompt), and being fixed it lets the reference side be precomputed.
+    """
+    n = len(dataset)
+    completions = list(dataset["completion_ids"])
+    shift = n // 2 if n > 1 else 0
+    return dataset.add_column("kl_completion_ids", [completions[(i + shift) % n] for i in range(n)])
+
+
+def unpaired_summary(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Turn label-split sums and counts into the means users expect; drop the raw sums."""
+    out = {k: v for k, v in metrics.items() if not k.endswith("_sum") and not k.startswith("count/")}
+    n_c, n_r = metrics["count/chosen"], metrics["count/rejected"]
+    if n_c > 0:
+        out["logps/chosen"] = metrics["logps/chosen_sum"] / n_c
+    if n_r > 0:
+        out["logps/rejected"] = metrics["logps/rejected_sum"] / n_r
+    if n_c > 0 and n_r > 0:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
