@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "KTOTrainer": "posttrain.trainers.kto",
     "BCOConfig": "posttrain.trainers.bco",
     "BCOTrainer": "posttrain.trainers.bco",
+    "RewardComposer": "posttrain.online.rewards",
+    "RewardFunctionError": "posttrain.online.rewards",
 }
 
 

@@ -1,0 +1,258 @@
+"""Built-in reward functions: answer accuracy, format, soft overlong punishment, length, the arithmetic task.
+
+Every function follows the reward contract ``f(prompts, completions, completion_ids, **columns) ->
+list[float | None]``. A completion is a string, or for conversational prompts a list of messages whose
+last one is the assistant's reply; `completion_text` gives the text either way. The ``make_*``
+factories build configured variants; `BUILTIN_REWARDS` maps the names usable from YAML to factories.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from typing import Any, Callable, Sequence
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: the string itself, or the last message's content."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        completion = [completion]
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content", "")
+        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
+            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return str(content)
+    return str(completion)
+
+
+def extract_tag(text: str, tag: str) -> str | None:
+    """Content of the last ``<tag>...</tag>`` in ``text``, stripped; ``None`` when absent."""
+    found = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, flags=re.DOTALL)
+    return found[-1].strip() if found else None
+
+
+def _normalize(text: str) -> str:
+    text = text.strip().strip("$").strip()
+    boxed = re.search(r"\\boxed\{(.*)\}", text)
+    if boxed:
+        text = boxed.group(1)
+    text = text.rstrip(".").strip()
+    return re.sub(r"\s+", " ", text).lower()
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def answers_match_fallback(answer: str, gold: str, *, tagged: bool) -> bool:
+    """Equivalence without math-verify: equal numbers (relative 1e-6), else equal normalized strings.
+
+    An untagged answer is reduced to its last number when the gold answer is a number.
+    """
+    gold_n, ans_n = _normalize(gold), _normalize(answer)
+    gold_num = _as_number(gold_n)
+    if gold_num is not None:
+        if not tagged:
+            numbers = _NUMBER.findall(ans_n)
+            ans_n = numbers[-1] if numbers else ans_n
+        ans_num = _as_number(ans_n)
+        if ans_num is not None:
+            return math.isclose(ans_num, gold_num, rel_tol=1e-6, abs_tol=1e-9)
+    return ans_n == gold_n
+
+
+def _math_verify_match(answer: str, gold: str) -> bool | None:
+    """math-verify's judgement, ``None`` when it is not installed or cannot parse the gold answer."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return None
+    # math-verify's timeouts use signal.alarm, which only works in the main thread
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = parse(gold, parsing_timeout=timeout)
+    if not gold_parsed:
+        gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
+    if not gold_parsed:
+        return None
+    return bool(verify(gold_parsed, parse(answer, parsing_timeout=timeout), timeout_seconds=timeout))
+
+
+def make_accuracy_reward(answer_tag: str | None = "answer", use_math_verify: bool = True) -> Callable:
+    """Answer accuracy: 1.0 when the completion's answer equals the gold answer, else 0.0.
+
+    The gold answer is the dataset column ``solution`` or ``answer``. The completion's answer is the
+    content of its last ``<answer_tag>`` element when present, else the whole completion. Equivalence is
+    checked by math-verify (``parse`` + ``verify``: LaTeX, fractions, sets, units) when installed, else
+    by `answers_match_fallback`. ``None`` (not applicable) when the row has no gold answer.
+    """
+
+    def accuracy(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
+                 solution: Sequence[Any] | None = None, answer: Sequence[Any] | None = None,
+                 **kwargs: Any) -> list[float | None]:
+        golds = solution if solution is not None else answer
+        if golds is None:
+            raise KeyError("the accuracy reward needs a 'solution' or 'answer' dataset column")
+        out: list[float | None] = []
+        for completion, gold in zip(completions, golds):
+            if gold is None or str(gold).strip() == "":
+                out.append(None)
+                continue
+            text = completion_text(completion)
+            tagged = extract_tag(text, answer_tag) if answer_tag else None
+            candidate = tagged if tagged is not None else text
+            verdict = _math_verify_match(candidate, str(gold)) if use_math_verify else None
+            if verdict is None:
+                verdict = answers_match_fallback(candidate, str(gold), tagged=tagged is not None)
+            out.append(1.0 if verdict else 0.0)
+        return out
+
+    return accuracy
+
+
+def make_format_reward(
+    answer_tag: str = "answer", think_tag: str | None = "think", require_think: bool = False, strict: bool = True
+) -> Callable:
+    """Format reward: 1.0 when the completion has the expected tags, else 0.0.
+
+    Strict (default): the whole completion is ``[<think>...</think>] <answer>...</answer>`` (whitespace
+    around the parts allowed; the reasoning part is required when ``require_think``). Non-strict: an
+    ``<answer>...</answer>`` element (and a ``<think>`` element when required) appears somewhere.
+    """
+    a = re.escape(answer_tag)
+    think = rf"<{re.escape(think_tag)}>.*?</{re.escape(think_tag)}>" if think_tag else None
+    if require_think and think is None:
+        raise ValueError("require_think needs a think_tag")
+    answer_part = rf"<{a}>.*?</{a}>"
+    if strict:
+        prefix = "" if think is None else (rf"{think}\s*" if require_think else rf"(?:{think}\s*)?")
+        pattern = re.compile(rf"^\s*{prefix}{answer_part}\s*$", re.DOTALL)
+    else:
+        pattern = re.compile(answer_part if not require_think else rf"{think}.*?{answer_part}", re.DOTALL)
+
+    def format_reward(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
+                      **kwargs: Any) -> list[float | None]:
+        match = pattern.match if strict else pattern.search
+        return [1.0 if match(completion_text(c)) else 0.0 for c in completions]
+
+    return format_reward
+
+
+def make_soft_overlong_reward(max_completion_length: int, overlong_buffer: int | None = None) -> Callable:
+    """DAPO's soft overlong punishment on the completion's token count ``L`` (Yu et al. 2025)::
+
+        R(L) = 0                              if L <= L_max - L_buf
+             = (L_max - L_buf - L) / L_buf    if L_max - L_buf < L <= L_max
+             = -1                             if L > L_max
+
+    ``L_max = max_completion_length``; ``L_buf = overlong_buffer`` (default ``L_max // 4``). Meant to be
+    added to a correctness reward, so long answers lose reward smoothly before being truncated.
+    """
+    buf = max(1, max_completion_length // 4) if overlong_buffer is None else overlong_buffer
+    if not 0 < buf <= max_completion_length:
+        raise ValueError(f"overlong_buffer must be in (0, {max_completion_length}], got {buf}")
+    start = max_completion_length - buf
+
+    def soft_overlong(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]],
+                      **kwargs: Any) -> list[float | None]:
+        out = []
+        for ids in completion_ids:
+            n = len(ids)
+            out.append(0.0 if n <= start else (-1.0 if n > max_completion_length else (start - n) / buf))
+        return out
+
+    return soft_overlong
+
+
+def make_length_reward(target_length: int | None = None, max_completion_length: int | None = None) -> Callable:
+    """Length reward on the completion's token count ``L``.
+
+    With ``target_length``: ``-|L - target| / target`` (0 at the target, lower further away). Without:
+    ``-L / max_completion_length``, a brevity bonus in ``[-1, 0]``.
+    """
+    if target_length is None and not max_completion_length:
+        raise ValueError("the length reward needs target_length or max_completion_length")
+
+    def length(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]],
+               **kwargs: Any) -> list[float | None]:
+        if target_length is not None:
+            return [-abs(len(ids) - target_length) / max(target_length, 1) for ids in completion_ids]
+        return [-len(ids) / max_completion_length for ids in completion_ids]
+
+    return length
+
+
+def make_arithmetic_reward() -> Callable:
+    """The built-in arithmetic task's reward (`posttrain.tasks.accuracy_reward`): 1.0 when the integer in
+    the completion's ``<answer>`` tags equals the ``answer`` column, else 0.0."""
+    from posttrain.tasks import accuracy_reward
+
+    def arithmetic(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
+                   **kwargs: Any) -> list[float | None]:
+        return accuracy_reward(prompts, completions, **kwargs)
+
+    return arithmetic
+
+
+def make_arithmetic_format_reward() -> Callable:
+    """The arithmetic task's format reward (`posttrain.tasks.format_reward`): 1.0 for column steps then
+    exactly one ``<answer>integer</answer>``, else 0.0."""
+    from posttrain.tasks import format_reward
+
+    def arithmetic_format(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
+                          **kwargs: Any) -> list[float | None]:
+        return format_reward(prompts, completions, **kwargs)
+
+    return arithmetic_format
+
+
+_QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
+
+
+def make_arithmetic_steps_reward() -> Callable:
+    """Partial credit on the arithmetic task: the share of the reference solution's steps (column steps
+    and the ``<answer>`` step) that the completion states, in order, exactly.
+
+    The problem is read from the prompt (``What is A + B?``); the reference steps come from
+    `posttrain.tasks.solve`. Dense where exact-match accuracy is sparse, so RL from a weak SFT model
+    still gets a signal. ``None`` for a prompt that is not an arithmetic question.
+    """
+    from posttrain.tasks import Problem, solve
+
+    def arithmetic_steps(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
+                         **kwargs: Any) -> list[float | None]:
+        out: list[float | None] = []
+        for prompt, completion in zip(prompts, completions):
+            match = _QUESTION.search(completion_text(prompt) if not isinstance(prompt, str) else prompt)
+            if match is None:
+                out.append(None)
+                continue
+            reference = solve(Problem(int(match[1]), int(match[3]), match[2])).steps
+            stated = re.split(r"(?<=\.)\s+|\s+(?=<answer>)", completion_text(completion).strip())
+            hits = sum(1 for k, step in enumerate(reference) if k < len(stated) and stated[k].strip() == step)
+            out.append(hits / len(reference))
+        return out
+
+    return arithmetic_steps
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., Callable]] = {
+    "accuracy": make_accuracy_reward,
+    "format": make_format_reward,
+    "soft_overlong": make_soft_overlong_reward,
+    "length": make_length_reward,
+    "arithmetic": make_arithmetic_reward,
+    "arithmetic_format": make_arithmetic_format_reward,
+    "arithmetic_steps": make_arithmetic_steps_reward,
+}
+
+
+def builtin_names() -> Sequence[str]:
+    return sorted(BUILTIN_REWARDS)
