@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .grpo import aggregate_token_loss, clip_metrics, clipped_objective, importance_metrics, k3_kl
-from .grpo import masked_mean, truncated_importance_weights
+from .grpo import grpo_loss
 
 
 def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -48,22 +47,10 @@ def rloo_loss(
     KL-in-reward variant pass ``beta=0`` and subtract ``beta * sequence_kl(...)`` from the rewards
     before computing advantages. ``w`` is the truncated IS weight when ``sampler_logps`` is given.
 
-    Returns ``(loss, metrics)`` with the same metric names as `posttrain.losses.grpo.grpo_loss`.
+    This is `posttrain.losses.grpo.grpo_loss` with ``loss_type="sequence_sum"`` (sum over a completion's
+    tokens, mean over completions): the same ratio, clip, IS weights and k3 KL, another reduction.
+    Returns ``(loss, metrics)`` with the same metric names.
     """
-    maskf = mask.to(logps.dtype)
-    old = logps.detach() if old_logps is None else old_logps
-    adv = advantages.to(logps.dtype).unsqueeze(-1)
-    ratio = torch.exp(logps - old)
-    per_token = -clipped_objective(ratio, adv, epsilon, epsilon_high)
-    metrics: dict[str, torch.Tensor] = {}
-    if sampler_logps is not None:
-        weights = truncated_importance_weights(old, sampler_logps, is_cap)
-        per_token = per_token * weights
-        metrics.update(importance_metrics(weights, maskf))
-    if beta != 0.0 and ref_logps is not None:
-        kl = k3_kl(logps, ref_logps)
-        per_token = per_token + beta * kl
-        metrics["kl"] = masked_mean(kl.detach(), maskf)
-    loss = aggregate_token_loss(per_token, maskf, "sequence_sum")
-    metrics.update(clip_metrics(ratio, adv, maskf, epsilon, epsilon_high))
-    return loss, metrics
+    return grpo_loss(logps, advantages, mask, old_logps=old_logps, ref_logps=ref_logps,
+                     sampler_logps=sampler_logps, loss_type="sequence_sum", beta=beta, epsilon=epsilon,
+                     epsilon_high=epsilon_high, is_cap=is_cap)

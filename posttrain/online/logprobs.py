@@ -1,0 +1,114 @@
+"""Per-token log-probs of sampled completions under a policy, laid out per completion.
+
+Online trainers score ``prompt_ids + completion_ids`` sequences and need each completion's token
+log-probs as ``[B, Lc]`` (row ``b`` holds completion ``b``'s tokens left-aligned, zero-padded, with a
+``[B, Lc]`` mask), the same layout as the sampler's log-probs and the completion ids. The forward goes
+through `posttrain.ops.token_logps` (no ``[B, L, vocab]`` logits), padding-free by default: all
+sequences in one row ``[1, T]`` with per-sequence ``position_ids``, so no compute is spent on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..ops import token_logps, unwrap
+
+
+@dataclass
+class CompletionLogps:
+    """``logps``/``entropy``: ``[B, Lc]`` float32; ``mask``: ``[B, Lc]`` bool (the completion's tokens)."""
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+
+def completion_mask(lengths: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """``[B, max(lengths)]`` bool mask with the first ``lengths[b]`` entries of row ``b`` set."""
+    width = max(max(lengths, default=0), 1)
+    return torch.arange(width, device=device).unsqueeze(0) < torch.tensor(list(lengths), device=device).unsqueeze(1)
+
+
+def pad_values(values: Sequence[Sequence[float]], device: torch.device | str | None = None) -> torch.Tensor:
+    """Per-completion lists (e.g. the sampler's log-probs) -> ``[B, Lc]`` float32, zero-padded on the right."""
+    mask = completion_mask([len(v) for v in values], device)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    flat = [x for v in values for x in v]
+    if flat:
+        out[mask] = torch.tensor(flat, dtype=torch.float32, device=device)
+    return out
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(unwrap(model).parameters()).device
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    padding_free: bool = True,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+    pad_token_id: int = 0,
+) -> CompletionLogps:
+    """Log-probs (and entropies) of each completion's tokens given its prompt, as ``[B, Lc]``.
+
+    Logits are divided by ``temperature`` first, as the sampler did, so these are comparable with the
+    sampler's log-probs. Every prompt must be non-empty (a completion's first token is predicted from
+    the prompt's last one). Gradients flow unless called under ``torch.no_grad``.
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts for {len(completion_ids)} completions")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token to predict its completion's first token from")
+    device = _device(model)
+    lengths = [len(c) for c in completion_ids]
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    if padding_free:
+        input_ids = torch.tensor([[t for s in seqs for t in s]], device=device)
+        position_ids = torch.tensor([[i for s in seqs for i in range(len(s))]], device=device)
+        tok_mask = torch.tensor([[j >= len(p) for p, s in zip(prompt_ids, seqs) for j in range(len(s))]], device=device)
+        attention_mask = None
+    else:
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros_like(input_ids)
+        tok_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for b, (p, s) in enumerate(zip(prompt_ids, seqs)):
+            input_ids[b, : len(s)] = torch.tensor(s, device=device)
+            attention_mask[b, : len(s)] = 1
+            tok_mask[b, len(p) : len(s)] = True
+        position_ids = None
+    out = token_logps(model, input_ids, attention_mask, position_ids, mask=tok_mask, temperature=temperature,
+                      with_entropy=with_entropy, chunk_size=chunk_size)
+    mask = completion_mask(lengths, device)
+    logps = out.logps.new_zeros(mask.shape).masked_scatter(mask, out.logps[tok_mask])
+    entropy = None
+    if out.entropy is not None:
+        entropy = out.entropy.new_zeros(mask.shape).masked_scatter(mask, out.entropy[tok_mask])
+    return CompletionLogps(logps=logps, mask=mask, entropy=entropy)
+
+
+@torch.no_grad()
+def batched_completion_logps(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    **kwargs,
+) -> torch.Tensor:
+    """`completion_logps` without gradients, ``batch_size`` completions per forward, as one ``[N, Lc]``."""
+    width = max([len(c) for c in completion_ids] + [1])
+    out = torch.zeros(len(completion_ids), width, device=_device(model))
+    for start in range(0, len(completion_ids), batch_size):
+        part = completion_logps(model, prompt_ids[start : start + batch_size],
+                                completion_ids[start : start + batch_size], **kwargs)
+        out[start : start + part.logps.shape[0], : part.logps.shape[1]] = part.logps
+    return out

@@ -1,0 +1,123 @@
+"""Config fields every online RL method shares (generation, batching, rewards, corrections, logging).
+
+Batch sizes follow TRL's conventions: ``per_device_train_batch_size`` counts *completions* per
+micro-batch; one generation produces ``per_device_train_batch_size * steps_per_generation`` completions per
+process (``generation_batch_size`` over all processes), i.e. that number divided by ``num_generations``
+prompts, each sampled ``num_generations`` times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..online.engines import OnlineEngineArgs
+from .base import PostTrainConfig
+
+__all__ = ["OnlineConfig"]
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class OnlineConfig(OnlineEngineArgs, PostTrainConfig):
+    """Shared fields of `GRPOConfig`, `RLOOConfig` and later online methods."""
+
+    # ---- generation
+    num_generations: int = field(default=8, metadata=_help("Completions sampled per prompt (the group size)."))
+    max_prompt_length: int | None = field(default=512, metadata=_help(
+        "Prompts longer than this many tokens keep their last tokens (counted in data/truncated_prompts)."))
+    max_completion_length: int = field(default=256, metadata=_help("Most tokens generated per completion."))
+    temperature: float = field(default=1.0, metadata=_help("Sampling temperature (log-probs use the same)."))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling; 1 is off."))
+    top_k: int = field(default=0, metadata=_help("Top-k sampling; 0 is off."))
+    min_p: float = field(default=0.0, metadata=_help("Min-p sampling; 0 is off."))
+    repetition_penalty: float = field(default=1.0, metadata=_help("Repetition penalty; 1 is off."))
+    generation_batch_size: int | None = field(default=None, metadata=_help(
+        "Completions generated at once over all processes. Default: per_device_train_batch_size * "
+        "steps_per_generation * processes."))
+    steps_per_generation: int | None = field(default=None, metadata=_help(
+        "Micro-batches taken from one generation (default: gradient_accumulation_steps). A multiple of "
+        "gradient_accumulation_steps: more than it reuses a generation over several optimizer steps."))
+    num_iterations: int = field(default=1, metadata=_help(
+        "Passes over each generation batch (PPO epochs, 'mu' in the GRPO paper); >1 uses old log-probs."))
+    mask_truncated_completions: bool = field(default=False, metadata=_help(
+        "Leave completions that hit max_completion_length out of the loss (DAPO)."))
+    # ---- rewards
+    reward_weights: list[float] | None = field(default=None, metadata=_help(
+        "Weight of each reward function in the total (default: all 1)."))
+    # ---- policy loss
+    beta: float = field(default=0.0, metadata=_help(
+        "KL coefficient to the reference policy; 0 loads no reference model."))
+    epsilon: float = field(default=0.2, metadata=_help("Lower clip range of the importance ratio (1 - epsilon)."))
+    epsilon_high: float | None = field(default=None, metadata=_help(
+        "Upper clip range (1 + epsilon_high), 'clip-higher' of DAPO; default: epsilon."))
+    importance_sampling_correction: bool | None = field(default=None, metadata=_help(
+        "Correct for sampler/trainer mismatch with truncated importance weights. Default: on when the engine "
+        "is not the training model itself (vLLM, rollout server)."))
+    importance_sampling_cap: float = field(default=2.0, metadata=_help("Truncation cap of the IS weights."))
+    # ---- logging
+    log_completions: bool = field(default=True, metadata=_help("Print and report a table of sample completions."))
+    log_completions_steps: int = field(default=50, metadata=_help("Log the completions table every N steps."))
+    num_completions_to_print: int = field(default=4, metadata=_help("Rows in the completions table."))
+    # ---- overridden defaults
+    learning_rate: float = field(default=1e-6, metadata=_help("Peak learning rate of AdamW."))
+    padding_free: bool = field(default=True, metadata=_help(
+        "Score prompt+completion sequences packed in one row (no compute on padding)."))
+    per_device_train_batch_size: int = field(default=8, metadata=_help("Completions per micro-batch and device."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ga = self.gradient_accumulation_steps
+        if self.steps_per_generation is None:
+            self.steps_per_generation = ga
+        if self.steps_per_generation % ga:
+            raise ValueError(f"steps_per_generation={self.steps_per_generation} must be a multiple of "
+                             f"gradient_accumulation_steps={ga}")
+        per_device = self.per_device_train_batch_size * self.steps_per_generation
+        if self.generation_batch_size is None:
+            self.generation_batch_size = per_device * self.world_size
+        elif self.generation_batch_size != per_device * self.world_size:
+            raise ValueError(f"generation_batch_size={self.generation_batch_size} must equal "
+                             f"per_device_train_batch_size * steps_per_generation * processes = {per_device * self.world_size}")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations={self.num_generations}: expected >= 1")
+        if per_device % self.num_generations:
+            raise ValueError(f"each process generates per_device_train_batch_size * steps_per_generation = {per_device} "
+                             f"completions per generation, which must be a multiple of num_generations="
+                             f"{self.num_generations} (whole groups per process)")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations={self.num_iterations}: expected >= 1")
+        if self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length={self.max_completion_length}: expected >= 1")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ValueError("epsilon and epsilon_high must be >= 0")
+        if self.log_completions_steps < 1:
+            raise ValueError(f"log_completions_steps={self.log_completions_steps}: expected >= 1")
+
+    @property
+    def prompts_per_generation(self) -> int:
+        """Prompts one process generates for at once."""
+        return self.per_device_train_batch_size * self.steps_per_generation // self.num_generations
+
+
+@dataclass
+class RewardArgs:
+    """Command-line / YAML reward functions of the online methods."""
+
+    reward_funcs: list[str] = field(default_factory=lambda: ["arithmetic"], metadata=_help(
+        "Reward functions: built-in names (accuracy, format, length, soft_overlong, arithmetic, arithmetic_format, "
+        "arithmetic_steps), "
+        "import paths 'package.module:func', or reward model folders. In YAML an entry may also be a mapping "
+        "{name: <built-in or path>, <option>: <value>} for a configured built-in."))
+    reward_model_path: str | None = field(default=None, metadata=_help(
+        "A trained reward model (folder or tiny:<spec>) added to the reward functions."))
+
+
+def reward_trainer_kwargs(script: object, rewards: RewardArgs) -> dict:
+    """`MethodSpec.trainer_kwargs` of the online methods: the reward functions from the parsed arguments."""
+    funcs = list(rewards.reward_funcs or [])
+    if rewards.reward_model_path:
+        funcs.append(rewards.reward_model_path)
+    return {"reward_funcs": funcs}

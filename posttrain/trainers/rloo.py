@@ -1,0 +1,94 @@
+"""RLOO: REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
+Optimization for Learning from Human Feedback in LLMs").
+
+Each prompt gets ``num_generations = k`` completions; a completion's baseline is the mean reward of the
+other ``k - 1`` (`posttrain.losses.rloo_advantages`), and the policy gradient treats the whole completion
+as one action (`posttrain.losses.rloo_loss`). The KL to the reference policy goes into the reward
+(``kl_in_reward=True``, the paper's choice: ``r - beta * sum_t (logp - ref_logp)``) or into the loss (k3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..losses.advantages import normalize_advantages, rloo_advantages
+from ..losses.rloo import rloo_loss, sequence_kl
+from ..online.logprobs import batched_completion_logps
+from ..online.rollout_batch import RolloutBatch
+from ._online import OnlineTrainer
+from ._online_config import OnlineConfig, RewardArgs, reward_trainer_kwargs
+from .registry import register_method
+
+__all__ = ["RLOOConfig", "RLOOTrainer"]
+
+
+@dataclass
+class RLOOConfig(OnlineConfig):
+    """Configuration of `RLOOTrainer`."""
+
+    num_generations: int = field(default=4, metadata={"help": "Completions per prompt (RLOO's k, >= 2)."})
+    beta: float = field(default=0.05, metadata={"help": "KL coefficient to the reference policy (0: no reference)."})
+    kl_in_reward: bool = field(default=True, metadata={"help": (
+        "Subtract beta * sequence KL from the reward (the RLOO paper); False: a k3 KL term in the loss.")})
+    normalize_advantages: bool = field(default=False, metadata={"help": (
+        "Whiten the advantages over the generation batch (mean 0, std 1).")})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations={self.num_generations}: RLOO needs >= 2 (leave-one-out baseline)")
+
+
+class RLOOTrainer(OnlineTrainer):
+    """RLOO trainer: ``RLOOTrainer(model, reward_funcs, args, train_dataset, ..., reward_model=None)``.
+
+    ``reward_model`` (a sequence-classification model, its path, or a `RewardModelScorer`) is the classic
+    RLOO setup's reward; it is added to ``reward_funcs`` (which may then be omitted).
+    """
+
+    config_class: ClassVar = RLOOConfig
+    _tag_names: ClassVar = ["posttrain", "rloo"]
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: RLOOConfig | None = None, *rest: Any,
+                 reward_model: Any = None, **kwargs: Any) -> None:
+        if reward_model is not None:
+            funcs = [] if reward_funcs is None else (list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
+            reward_funcs = funcs + [reward_model]
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+
+    def compute_advantages(self, rewards: torch.Tensor,
+                           batch: RolloutBatch) -> tuple[torch.Tensor, dict, list[int] | None]:
+        args: RLOOConfig = self.args
+        metrics: dict[str, float] = {}
+        if args.beta != 0.0 and args.kl_in_reward:
+            # the sampled policy's log-probs: old ones if computed, else the current (identical) policy
+            if batch.old_logps is None:  # the policy at generation time; reused as old log-probs
+                batch.old_logps = batched_completion_logps(self.model, batch.prompt_ids, batch.completion_ids,
+                                                           batch_size=args.per_device_train_batch_size,
+                                                           **self._logps_kwargs())
+            kl = sequence_kl(batch.old_logps, batch.ref_logps, batch.completion_mask)
+            metrics["kl"] = float(kl.mean())
+            rewards = rewards - args.beta * kl
+            metrics["reward_with_kl"] = float(rewards.mean())
+        adv = rloo_advantages(rewards.cpu(), args.num_generations)
+        if args.normalize_advantages:
+            adv = normalize_advantages(adv)
+        return adv, metrics, None
+
+    def policy_loss(self, logps: torch.Tensor, batch: RolloutBatch,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        args: RLOOConfig = self.args
+        beta = 0.0 if args.kl_in_reward else args.beta
+        return rloo_loss(logps, batch.advantages, mask, old_logps=batch.old_logps, ref_logps=batch.ref_logps,
+                         sampler_logps=batch.sampler_logps, beta=beta, epsilon=args.epsilon,
+                         epsilon_high=args.epsilon_high, is_cap=args.importance_sampling_cap)
+
+
+register_method(
+    "rloo", RLOOConfig, RLOOTrainer,
+    help="RLOO: REINFORCE with a leave-one-out baseline over num_generations completions per prompt.",
+    extra_args=(RewardArgs,), trainer_kwargs=reward_trainer_kwargs, task_format="prompt_only",
+)

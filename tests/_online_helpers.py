@@ -1,0 +1,25 @@
+"""Shared pieces of the online-RL tests (GRPO, RLOO, engines)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest single-threaded (and the CI box is shared). Autouse where imported."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def digit_share(prompts, completions, **kwargs):
+    """A reward a random tiny model can learn in a few steps: the share of digit characters."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def history(trainer, key: str) -> list:
+    """The logged values of ``key``, in order."""
+    return [h[key] for h in trainer.state.log_history if key in h]
