@@ -2,6 +2,8 @@
 
 from . import sft  # noqa: F401  (one import line per method module; add yours below)
 from . import dpo  # noqa: F401
+from . import reward  # noqa: F401
+from . import prm  # noqa: F401
 from . import grpo  # noqa: F401
 from . import rloo  # noqa: F401
 from . import cpo  # noqa: F401

@@ -1,0 +1,129 @@
+"""Process reward modeling: a 2-label token classifier that scores every step of a solution.
+
+Stepwise data (`prompt`, `completions` = the steps, `labels` = one bool per step) is laid out as
+``prompt + step_1 + sep + step_2 + sep + ...`` and the model is trained with a per-step binary
+cross-entropy at the last token of each separator (every other position is ignored), as in Lightman et
+al. 2023 ("Let's Verify Step by Step"). The loss lives in `posttrain.losses.prm`; the layout is shared with
+the inference side (`posttrain.online.reward_inputs`), where `score_steps` scores each step of a new
+solution and `aggregate_step_scores` reduces the step scores to one trajectory score (min, product, last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..data import DatasetKind, FormatInfo, PaddingCollator, load_any, validate_dataset
+from ..losses.prm import aggregate_step_scores, prm_loss
+from ..online.reward_inputs import encode_steps
+from ..online.reward_model import score_steps, score_steps_batch
+from ._reward_base import RewardHeadConfig, RewardHeadTrainer
+from .registry import register_method
+
+__all__ = ["PRMConfig", "PRMTrainer", "aggregate_step_scores", "score_steps", "step_accuracy"]
+
+
+@dataclass
+class PRMConfig(RewardHeadConfig):
+    """Configuration of `PRMTrainer` (field names follow TRL's PRMConfig where they overlap).
+
+    Besides the shared head fields (`learning_rate`, `disable_dropout`, `init_score_head`, see
+    `RewardHeadConfig`): `step_separator` and `train_on_last_step_only`.
+    """
+
+    step_separator: str = field(
+        default="\n", metadata={"help": "Joins the steps; the score of a step is read at the separator after it."}
+    )
+    train_on_last_step_only: bool = field(
+        default=False, metadata={"help": "Only the last step's label counts in the loss and the metrics."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.step_separator:
+            raise ValueError("step_separator must be a non-empty string")
+        super().__post_init__()
+
+
+class PRMTrainer(RewardHeadTrainer):
+    """Trains a process reward model on stepwise supervision data (plain or conversational prompt)."""
+
+    accepted_formats: ClassVar = (DatasetKind.STEPWISE,)
+    config_class: ClassVar = PRMConfig
+    model_task: ClassVar[str] = "token-cls"
+    num_labels: ClassVar[int] = 2
+    peft_task_type: ClassVar[str] = "TOKEN_CLS"
+    _tag_names: ClassVar = ["posttrain", "prm"]
+
+    # ------------------------------------------------------------------------------------------ data
+    def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
+        """One stepwise row -> `input_ids` and per-token `step_labels` (1/0 at separators, -100 elsewhere)."""
+        args: PRMConfig = self.args
+        out = encode_steps(
+            self.tokenizer, row["prompt"], row["completions"], separator=args.step_separator,
+            labels=row["labels"], max_length=args.max_length,
+        )
+        # Not named "labels": datasets.map would keep the input column's bool type for a same-named output.
+        return {"input_ids": out["input_ids"], "step_labels": out["labels"], "truncated": out["truncated"]}
+
+    def make_collator(self) -> Any:
+        """Right padding; `step_labels` pad with -100."""
+        return PaddingCollator(pad_token_id=self.tokenizer.pad_token_id)
+
+    # ------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Per-step cross-entropy at the separator positions (`step_labels` != -100) of one forward."""
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        loss, metrics = prm_loss(logits.float(), inputs["step_labels"], self.args.train_on_last_step_only)
+        self.store_metrics(metrics)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def step_accuracy(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    separator: str = "\n",
+    batch_size: int = 32,
+    max_length: int | None = None,
+    last_step_only: bool = False,
+) -> dict[str, float]:
+    """Step-level evaluation of a process reward model over a whole stepwise dataset.
+
+    Returns ``step_accuracy`` (a step counts as predicted correct when its probability exceeds 0.5),
+    ``majority_baseline`` (the accuracy of always predicting the more frequent label), ``positive_accuracy``
+    and ``negative_accuracy`` (accuracy on steps labelled correct / incorrect) and ``num_steps``.
+    """
+    dataset = load_any(dataset)
+    validate_dataset(dataset, [DatasetKind.STEPWISE])
+    prompts, solutions, labels = dataset["prompt"], dataset["completions"], dataset["labels"]
+    probs = score_steps_batch(model, tokenizer, prompts, solutions, separator=separator,
+                              batch_size=batch_size, max_length=max_length)
+    pairs = []
+    for p, y in zip(probs, labels):
+        scored = list(zip(p, y))  # truncation may leave fewer scores than labels
+        pairs.extend(scored[-1:] if last_step_only else scored)
+    if not pairs:
+        raise ValueError("no step was scored (empty dataset, or max_length cut every step)")
+    hits = [(prob > 0.5) == bool(y) for prob, y in pairs]
+    pos = [h for h, (_, y) in zip(hits, pairs) if y]
+    neg = [h for h, (_, y) in zip(hits, pairs) if not y]
+    frac = len(pos) / len(pairs)
+    return {
+        "step_accuracy": sum(hits) / len(hits),
+        "majority_baseline": max(frac, 1 - frac),
+        "positive_accuracy": sum(pos) / len(pos) if pos else float("nan"),
+        "negative_accuracy": sum(neg) / len(neg) if neg else float("nan"),
+        "num_steps": float(len(pairs)),
+    }
+
+
+register_method(
+    "prm", PRMConfig, PRMTrainer,
+    help="Process reward model: per-step classification at step separators on stepwise data.",
+    trainer_kwargs=lambda script, *extras: {"peft_task_type": PRMTrainer.peft_task_type},
+    task_format="stepwise",
+)
