@@ -82,6 +82,24 @@ def run_engine(engine: str, args: argparse.Namespace, server_url: str | None) ->
     }
 
 
+def export_for_peer(args: argparse.Namespace) -> None:
+    """Save exactly what `run_engine` trains on, so a peer library can be timed on the same inputs."""
+    from posttrain.models import build_tiny
+    from posttrain.tasks import ArithmeticTask
+
+    model, tokenizer = build_tiny(args.model.removeprefix("tiny:"), seed=0)
+    model.save_pretrained(os.path.join(args.export, "model"))
+    tokenizer.save_pretrained(os.path.join(args.export, "model"))
+    data = ArithmeticTask(digits=3).prompt_only(args.batch * (args.warmup + args.steps))
+    with open(os.path.join(args.export, "prompts.jsonl"), "w") as f:
+        for row in data:
+            f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"]}) + "\n")
+    with open(os.path.join(args.export, "settings.json"), "w") as f:
+        json.dump({"batch": args.batch, "generations": args.generations,
+                   "max_completion_length": args.max_completion_length}, f)
+    print(f"exported model, prompts and settings to {args.export}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", default="hf,vllm,server")
@@ -93,7 +111,12 @@ def main() -> None:
     parser.add_argument("--max_completion_length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--export", default=None,
+                        help="write the model, prompts and settings here for benchmarks/peers/trl_grpo.py and stop")
     args = parser.parse_args()
+    if args.export:
+        export_for_peer(args)
+        return
 
     import torch
 
