@@ -272,3 +272,12 @@ def test_bco_with_running_delta_and_udm():
     other = RunningMean()
     other.load_state_dict(state)
     assert other.mean == pytest.approx(run.mean) and other.count == 3
+
+
+def test_bco_class_weights_scale_each_class():
+    beta, delta, wd, wu = 0.3, 0.1, 2.0, 0.5
+    losses, _ = bco_loss(t(LOGPS), t(REF), torch.tensor(LABELS), beta=beta, delta=delta,
+                         desirable_weight=wd, undesirable_weight=wu)
+    want = [-wd * logsig(beta * (lp - rf) - delta) if lab else -wu * logsig(-(beta * (lp - rf) - delta))
+            for lp, rf, lab in zip(LOGPS, REF, LABELS)]
+    assert losses.tolist() == pytest.approx(want, rel=1e-9)

@@ -5,10 +5,12 @@ The implicit reward ``r(x, y) = beta (log pi(y|x) - log pi_ref(y|x))`` is the lo
 that separates desirable from undesirable completions, shifted by ``delta``, a running mean of the rewards
 (the "reward shift" that ties the BCE loss to DPO):
 
-    desirable y:    L = -log sigma(r(x, y) - delta)
-    undesirable y:  L = -w(x) log sigma(-(r(x, y) - delta))
+    desirable y:    L = -lambda_D log sigma(r(x, y) - delta)
+    undesirable y:  L = -lambda_U w(x) log sigma(-(r(x, y) - delta))
 
-``w(x)`` is 1 unless Underlying Distribution Matching (UDM) is on: then undesirable examples are
+``lambda_D`` / ``lambda_U`` are class weights of the binary cross-entropy (1 by default; as KTO's
+``desirable_weight`` / ``undesirable_weight``, they balance unequal class counts or favour raising the
+desirable completions' likelihood over pushing the undesirable ones down). ``w(x)`` is 1 unless Underlying Distribution Matching (UDM) is on: then undesirable examples are
 re-weighted by the density ratio ``p_D(x) / p_U(x)`` of their prompt under the desirable and undesirable
 prompt distributions, estimated with a probabilistic classifier on prompt embeddings,
 ``w = clamp(P(D|x) / (1 - P(D|x)), min_ratio, max_ratio)``.
@@ -59,17 +61,19 @@ def bco_loss(
     beta: float = 0.1,
     delta: float | Tensor = 0.0,
     udm_weights: Tensor | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-example BCO loss ``[B]`` from summed log-probs ``[B]`` and boolean ``labels`` (True = desirable).
 
     ``udm_weights`` (``[B]``, optional) multiplies the undesirable examples' losses only (desirable
-    examples keep weight 1). Metrics as :func:`posttrain.losses.kto.unpaired_reward_metrics` plus ``delta``.
+    examples keep weight 1); ``desirable_weight`` / ``undesirable_weight`` scale each class. Metrics as :func:`posttrain.losses.kto.unpaired_reward_metrics` plus ``delta``.
     """
     labels = labels.bool()
     rewards = beta * (logps - ref_logps)
     shifted = rewards - delta
-    desirable = -F.logsigmoid(shifted)
-    undesirable = -F.logsigmoid(-shifted)
+    desirable = -desirable_weight * F.logsigmoid(shifted)
+    undesirable = -undesirable_weight * F.logsigmoid(-shifted)
     if udm_weights is not None:
         undesirable = undesirable * udm_weights
     losses = torch.where(labels, desirable, undesirable)

@@ -36,6 +36,8 @@ class BCOConfig(ReferenceConfig):
     prompt_sample_size: int = field(default=1024, metadata={"help": "Prompts per class to fit the UDM classifier."})
     min_density_ratio: float = field(default=0.5, metadata={"help": "Lower clamp of the UDM weight."})
     max_density_ratio: float = field(default=10.0, metadata={"help": "Upper clamp of the UDM weight."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "Class weight of desirable examples' losses."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "Class weight of undesirable examples' losses."})
 
 
 class BCOTrainer(UnpairedTrainerBase):
@@ -79,7 +81,8 @@ class BCOTrainer(UnpairedTrainerBase):
         ref = self.reference_logps(inputs).to(out.logps.device)
         delta = self._batch_delta(args.beta * (out.logps - ref), model.training)
         losses, metrics = bco_loss(out.logps, ref, inputs["label"], beta=args.beta, delta=delta,
-                                   udm_weights=inputs.get("udm_weight"))
+                                   udm_weights=inputs.get("udm_weight"), desirable_weight=args.desirable_weight,
+                                   undesirable_weight=args.undesirable_weight)
         loss = losses.mean()
         return self.finish_loss(loss, unpaired_summary(metrics), return_outputs)
 
