@@ -256,13 +256,20 @@ def sft_tiny(request, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 5.0), ("nca_pair", 5.0), ("hinge", 5.0)])
-def test_dpo_learns_held_out_preferences(tmp_path, sft_tiny, loss_type, beta):
+@pytest.mark.parametrize("loss_type,learning_rate,chosen_rises", [
+    ("sigmoid", 3e-5, False), ("hinge", 3e-5, False), ("nca_pair", 1e-4, True)])
+def test_dpo_learns_held_out_preferences(tmp_path, sft_tiny, loss_type, learning_rate, chosen_rises):
     """Arithmetic preference split, from a briefly SFT-ed tiny model: held-out pairs (problems never trained on)
-    get ranked right by the implicit reward, and the chosen solutions become more likely."""
+    get ranked right by the implicit reward.
+
+    Only NCA, whose loss also rewards the chosen log-ratio in absolute terms (Chen et al. 2024), must raise the
+    held-out chosen likelihood. The pairwise sigmoid and hinge losses only push the margin: on this task they move
+    the chosen log-prob by about +-0.005 at lr 3e-5 and lower it at higher rates, the likelihood displacement
+    described by Razin et al. 2024 ("Unintentional Unalignment"), so asserting a rise there would test noise."""
     model, tok = sft_tiny
     before, after = train_and_measure(DPOTrainer, DPOConfig, model, tok, tmp_path, reference=True,
-                                      loss_type=loss_type, beta=beta, learning_rate=3e-5, max_steps=150)
+                                      loss_type=loss_type, beta=5.0, learning_rate=learning_rate, max_steps=150)
     assert before.accuracy == 0.0  # policy == reference: every reward ties
     assert after.accuracy >= 0.75  # chance is 0.5; 128 held-out pairs
-    assert after.chosen_logp > before.chosen_logp
+    if chosen_rises:
+        assert after.chosen_logp > before.chosen_logp + 0.01  # measured +0.034; noise between machines ~0.005

@@ -167,11 +167,14 @@ def sft_tiny(request, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,config", [(KTOTrainer, KTOConfig), (BCOTrainer, BCOConfig)], ids=["kto", "bco"])
 def test_unpaired_methods_learn_held_out_preferences(tmp_path, sft_tiny, cls, config):
-    """Trained on the arithmetic preference split (unpaired into thumbs-up/down rows), measured on held-out pairs."""
+    """Trained on the arithmetic preference split (unpaired into thumbs-up/down rows), measured on held-out pairs.
+
+    With equal class weights both losses mostly push rejected completions down and leave the chosen likelihood
+    where it was (within noise); weighting desirable rows twice, as the KTO paper's lambda_D allows, makes the
+    chosen completions measurably more likely (measured +0.049 for KTO, +0.039 for BCO)."""
     model, tok = sft_tiny
-    lr = 2e-5 if cls is KTOTrainer else 5e-5
     before, after = train_and_measure(cls, config, model, tok, tmp_path, reference=True, beta=5.0,
-                                      learning_rate=lr, max_steps=150)
+                                      desirable_weight=2.0, learning_rate=5e-5, max_steps=150)
     assert before.accuracy == 0.0
-    assert after.accuracy >= 0.6
-    assert after.chosen_logp > before.chosen_logp
+    assert after.accuracy >= 0.7  # measured 0.83 for both
+    assert after.chosen_logp > before.chosen_logp + 0.01  # noise between machines ~0.005
