@@ -26,14 +26,18 @@ class QuickstartOptions:
     digits: int = 2
     train_size: int = 3800  # of the 4095 distinct two-digit sums; the held-out ones are disjoint
     test_size: int = 200
+    # SFT learns from the worked solutions of the first `sft_size` train problems; GRPO then trains on the
+    # prompts of the others, whose solutions it never sees (only the reward checks the answer): worked
+    # demonstrations are costly, checkable prompts cheap. A model SFT-ed on every problem leaves RL little to do.
+    sft_size: int = 1000
     seed: int = 0
     sft_steps: int = 400
     sft_learning_rate: float = 3e-3
     sft_batch_size: int = 32
     grpo_steps: int = 150
-    grpo_learning_rate: float = 1e-5
+    grpo_learning_rate: float = 3e-5
     grpo_generations: int = 8
-    grpo_batch_size: int = 32
+    grpo_batch_size: int = 64  # completions per step: 8 prompts x 8 samples
     grpo_temperature: float = 0.7
     stages: tuple[str, ...] = ("sft", "grpo")
     extra: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +59,7 @@ def _sft_stage(model: Any, tokenizer: Any, task: Any, opts: QuickstartOptions, r
 
     splits = task.split(opts.train_size, opts.test_size, "prompt_completion", "prompt_completion")
     train, valid = splits["train"], splits["test"]
+    train = train.select(range(min(opts.sft_size, len(train))))
     out = os.path.join(opts.output_dir, "sft")
     config = SFTConfig(
         output_dir=out,

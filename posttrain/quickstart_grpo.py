@@ -1,8 +1,9 @@
-"""The quickstart's RL stage: GRPO on the arithmetic task's training prompts, after SFT.
+"""The quickstart's RL stage: GRPO on the arithmetic task's training prompts that SFT had no solutions for.
 
-The SFT model already writes worked solutions; sampling ``grpo_generations`` of them per problem and
-rewarding the exactly right answers (`posttrain.tasks.accuracy_reward`) sharpens it toward its correct
-solutions, which raises held-out greedy accuracy. It runs on the HF engine in the training process.
+The SFT model already writes worked solutions, but samples go wrong at a digit often; sampling
+``grpo_generations`` of them per problem and rewarding the right answer and the reference steps stated
+(built-in rewards ``arithmetic`` and ``arithmetic_steps``) sharpens it toward its correct solutions, which
+raises held-out greedy accuracy. It runs on the HF engine in the training process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ def grpo_stage(model: Any, tokenizer: Any, task: Any, opts: Any, results: dict) 
     from .trainers.grpo import GRPOConfig, GRPOTrainer
 
     prompts = task.split(opts.train_size, opts.test_size, "prompt_only", "prompt_only")["train"]
+    sft_size = getattr(opts, "sft_size", 0)
+    if 0 < sft_size and len(prompts) - sft_size >= opts.grpo_batch_size // opts.grpo_generations:
+        prompts = prompts.select(range(sft_size, len(prompts)))  # the problems SFT saw no solution of
     out = os.path.join(opts.output_dir, "grpo")
     config = GRPOConfig(
         output_dir=out,

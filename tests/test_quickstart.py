@@ -8,7 +8,7 @@ from posttrain.cli import main
 def test_quickstart_writes_model_curves_and_results(tmp_path):
     out = tmp_path / "qs"
     rc = main(["quickstart", "--output_dir", str(out), "--model", "tiny:nano", "--train_size", "64",
-               "--test_size", "8", "--sft_steps", "4", "--grpo_steps", "2", "--grpo_batch_size", "8",
+               "--test_size", "8", "--sft_size", "32", "--sft_steps", "4", "--grpo_steps", "2", "--grpo_batch_size", "8",
                "--grpo_generations", "4"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
