@@ -173,7 +173,10 @@ RM_RECIPE = dict(max_steps=1500, per_device_train_batch_size=32, learning_rate=1
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(run=False, strict=True, reason="open (issue 4): tiny models trained from scratch or from the SFT-ed policy do not learn to check the arithmetic within a test budget; held-out pairwise accuracy stays near 0.5")
+@pytest.mark.xfail(run=False, strict=True, reason=(
+    "open (issue 4): tiny:nano from scratch stays near 0.5 held-out; from the quickstart's SFT+GRPO tiny:quick "
+    "model the RM does learn to check the arithmetic (0.485 -> 0.615 after 400 steps of 32 pairs, 0.795 after "
+    "1200, 19 min on one thread): past a test budget, and this test's recipe is not yet that one"))
 def test_held_out_pairwise_accuracy_on_the_task(tmp_path):
     splits = ArithmeticTask(digits=2, seed=0).split(2000, 200, "preference", "preference")
     trainer = RewardTrainer(RM_MODEL, args=_args(tmp_path, **RM_RECIPE), train_dataset=splits["train"])
