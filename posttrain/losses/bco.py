@@ -10,9 +10,10 @@ that separates desirable from undesirable completions, shifted by ``delta``, a r
 
 ``lambda_D`` / ``lambda_U`` are class weights of the binary cross-entropy (1 by default; as KTO's
 ``desirable_weight`` / ``undesirable_weight``, they balance unequal class counts or favour raising the
-desirable completions' likelihood over pushing the undesirable ones down). ``w(x)`` is 1 unless Underlying Distribution Matching (UDM) is on: then undesirable examples are
-re-weighted by the density ratio ``p_D(x) / p_U(x)`` of their prompt under the desirable and undesirable
-prompt distributions, estimated with a probabilistic classifier on prompt embeddings,
+desirable completions' likelihood over pushing the undesirable ones down). ``w(x)`` is 1 unless
+Underlying Distribution Matching (UDM) is on: then undesirable examples are re-weighted by the density
+ratio ``p_D(x) / p_U(x)`` of their prompt under the desirable and undesirable prompt distributions,
+estimated with a probabilistic classifier on prompt embeddings,
 ``w = clamp(P(D|x) / (1 - P(D|x)), min_ratio, max_ratio)``.
 """
 from __future__ import annotations
@@ -67,7 +68,8 @@ def bco_loss(
     """Per-example BCO loss ``[B]`` from summed log-probs ``[B]`` and boolean ``labels`` (True = desirable).
 
     ``udm_weights`` (``[B]``, optional) multiplies the undesirable examples' losses only (desirable
-    examples keep weight 1); ``desirable_weight`` / ``undesirable_weight`` scale each class. Metrics as :func:`posttrain.losses.kto.unpaired_reward_metrics` plus ``delta``.
+    examples keep weight 1); ``desirable_weight`` / ``undesirable_weight`` scale each class. Metrics as
+    :func:`posttrain.losses.kto.unpaired_reward_metrics` plus ``delta``.
     """
     labels = labels.bool()
     rewards = beta * (logps - ref_logps)

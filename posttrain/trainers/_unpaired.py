@@ -6,16 +6,26 @@ of sequences for its KL reference point (each prompt with another row's completi
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import datasets
 import torch
 
 from ..data import DatasetKind, FormatInfo, unpair_preference
-from ._pref_base import PreferenceTrainerBase
+from ._pref_base import PreferenceTrainerBase, ReferenceConfig
 from ._preference import SequenceCollator, tokenize_completions
 
-__all__ = ["UnpairedTrainerBase", "KLCollator", "unpaired_summary"]
+__all__ = ["UnpairedConfig", "UnpairedTrainerBase", "KLCollator", "unpaired_summary"]
+
+
+@dataclass
+class UnpairedConfig(ReferenceConfig):
+    """Fields shared by `KTOConfig` and `BCOConfig`: the class weights of desirable and undesirable rows
+    (lambda_D and lambda_U of the KTO paper), e.g. to balance a dataset with more thumbs-down than thumbs-up."""
+
+    desirable_weight: float = field(default=1.0, metadata={"help": "Weight of desirable examples' losses."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "Weight of undesirable examples' losses."})
 
 
 class KLCollator(SequenceCollator):

@@ -17,9 +17,8 @@ import datasets
 import torch
 
 from ..losses.bco import RunningMean, bco_loss
-from ._pref_base import ReferenceConfig
 from ._udm import EmbeddingFunc, mean_token_embedder, udm_weights
-from ._unpaired import UnpairedTrainerBase, unpaired_summary
+from ._unpaired import UnpairedConfig, UnpairedTrainerBase, unpaired_summary
 from .registry import register_method
 
 __all__ = ["BCOConfig", "BCOTrainer"]
@@ -28,7 +27,7 @@ RUNNING_NAME = "bco_running.json"
 
 
 @dataclass
-class BCOConfig(ReferenceConfig):
+class BCOConfig(UnpairedConfig):
     """Configuration of `BCOTrainer` (field names follow TRL's BCOConfig)."""
 
     use_udm: bool = field(default=False, metadata={"help": "Re-weight undesirable examples by the prompt density "
@@ -36,8 +35,6 @@ class BCOConfig(ReferenceConfig):
     prompt_sample_size: int = field(default=1024, metadata={"help": "Prompts per class to fit the UDM classifier."})
     min_density_ratio: float = field(default=0.5, metadata={"help": "Lower clamp of the UDM weight."})
     max_density_ratio: float = field(default=10.0, metadata={"help": "Upper clamp of the UDM weight."})
-    desirable_weight: float = field(default=1.0, metadata={"help": "Class weight of desirable examples' losses."})
-    undesirable_weight: float = field(default=1.0, metadata={"help": "Class weight of undesirable examples' losses."})
 
 
 class BCOTrainer(UnpairedTrainerBase):

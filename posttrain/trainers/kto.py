@@ -12,21 +12,18 @@ from typing import Any, ClassVar
 import torch
 
 from ..losses.kto import KTO_LOSS_TYPES, kto_loss
-from ._pref_base import ReferenceConfig
 from ._preference import sequence_logps
-from ._unpaired import UnpairedTrainerBase, unpaired_summary
+from ._unpaired import UnpairedConfig, UnpairedTrainerBase, unpaired_summary
 from .registry import register_method
 
 __all__ = ["KTOConfig", "KTOTrainer"]
 
 
 @dataclass
-class KTOConfig(ReferenceConfig):
+class KTOConfig(UnpairedConfig):
     """Configuration of `KTOTrainer` (field names follow TRL's KTOConfig)."""
 
     loss_type: str = field(default="kto", metadata={"help": f"One of {', '.join(KTO_LOSS_TYPES)}."})
-    desirable_weight: float = field(default=1.0, metadata={"help": "Weight of desirable examples' losses."})
-    undesirable_weight: float = field(default=1.0, metadata={"help": "Weight of undesirable examples' losses."})
 
     def __post_init__(self) -> None:
         if self.loss_type not in KTO_LOSS_TYPES:
