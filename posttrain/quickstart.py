@@ -29,6 +29,7 @@ class QuickstartOptions:
     # SFT learns from the worked solutions of the first `sft_size` train problems; GRPO then trains on the
     # prompts of the others, whose solutions it never sees (only the reward checks the answer): worked
     # demonstrations are costly, checkable prompts cheap. A model SFT-ed on every problem leaves RL little to do.
+    # 0: no split, both stages use every train problem.
     sft_size: int = 1000
     seed: int = 0
     sft_steps: int = 400
@@ -53,13 +54,26 @@ def _evaluate(model: Any, tokenizer: Any, test: Any) -> float:
     return exact_match(model, tokenizer, test, max_new_tokens=64, batch_size=100)
 
 
+def stage_split(task: Any, opts: QuickstartOptions, kind: str, stage: str) -> tuple[Any, Any]:
+    """The (train, held-out) rows of `kind` a stage uses: "sft" gets the first `sft_size` train problems,
+    "grpo" the rest (all of them when fewer than one GRPO batch of prompts would remain, or `sft_size` is 0).
+    The held-out problems are the same for every stage."""
+    splits = task.split(opts.train_size, opts.test_size, kind, kind)
+    train, test = splits["train"], splits["test"]
+    cut = min(opts.sft_size, len(train)) if opts.sft_size > 0 else len(train)
+    if stage == "sft":
+        return train.select(range(cut)), test
+    if stage == "grpo":
+        enough = len(train) - cut >= max(1, opts.grpo_batch_size // opts.grpo_generations)
+        return (train.select(range(cut, len(train))) if cut < len(train) and enough else train), test
+    raise ValueError(f"unknown quickstart stage {stage!r}; expected 'sft' or 'grpo'")
+
+
 def _sft_stage(model: Any, tokenizer: Any, task: Any, opts: QuickstartOptions, results: dict) -> Any:
     from .files import copy_file
     from .trainers.sft import SFTConfig, SFTTrainer
 
-    splits = task.split(opts.train_size, opts.test_size, "prompt_completion", "prompt_completion")
-    train, valid = splits["train"], splits["test"]
-    train = train.select(range(min(opts.sft_size, len(train))))
+    train, valid = stage_split(task, opts, "prompt_completion", "sft")
     out = os.path.join(opts.output_dir, "sft")
     config = SFTConfig(
         output_dir=out,

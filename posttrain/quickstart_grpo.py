@@ -19,10 +19,9 @@ def grpo_stage(model: Any, tokenizer: Any, task: Any, opts: Any, results: dict) 
     from .files import copy_file
     from .trainers.grpo import GRPOConfig, GRPOTrainer
 
-    prompts = task.split(opts.train_size, opts.test_size, "prompt_only", "prompt_only")["train"]
-    sft_size = getattr(opts, "sft_size", 0)
-    if 0 < sft_size and len(prompts) - sft_size >= opts.grpo_batch_size // opts.grpo_generations:
-        prompts = prompts.select(range(sft_size, len(prompts)))  # the problems SFT saw no solution of
+    from .quickstart import stage_split
+
+    prompts, _ = stage_split(task, opts, "prompt_only", "grpo")  # the problems SFT saw no solution of
     out = os.path.join(opts.output_dir, "grpo")
     config = GRPOConfig(
         output_dir=out,

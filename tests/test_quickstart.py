@@ -18,3 +18,21 @@ def test_quickstart_writes_model_curves_and_results(tmp_path):
     for name in ("sft_loss_curve.png", "grpo_loss_curve.png", "model/config.json"):
         assert (out / name).is_file(), name
     assert (out / "sft_loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_split_gives_sft_and_grpo_disjoint_problems_and_the_same_held_out_set():
+    from posttrain.quickstart import QuickstartOptions, stage_split
+    from posttrain.tasks import ArithmeticTask
+
+    task = ArithmeticTask(digits=2, seed=0)
+    opts = QuickstartOptions(train_size=40, test_size=10, sft_size=30, grpo_batch_size=16, grpo_generations=4)
+    sft_train, sft_test = stage_split(task, opts, "prompt_completion", "sft")
+    grpo_train, grpo_test = stage_split(task, opts, "prompt_only", "grpo")
+    assert len(sft_train) == 30 and len(grpo_train) == 10
+    assert not set(sft_train["prompt"]) & set(grpo_train["prompt"])
+    assert sft_test["prompt"] == grpo_test["prompt"]
+    # Fewer prompts left than one GRPO batch needs (64 / 4 = 16 > 10): GRPO falls back to every train problem.
+    few = QuickstartOptions(train_size=40, test_size=10, sft_size=30, grpo_batch_size=64, grpo_generations=4)
+    assert len(stage_split(task, few, "prompt_only", "grpo")[0]) == 40
+    everything = QuickstartOptions(train_size=40, test_size=10, sft_size=0)
+    assert len(stage_split(task, everything, "prompt_completion", "sft")[0]) == 40
