@@ -39,6 +39,10 @@ class ScriptArguments:
     task_digits: int = field(default=2, metadata={"help": "Built-in arithmetic task: digits per operand."})
     task_train_size: int = field(default=2000, metadata={"help": "Built-in task: training rows."})
     task_test_size: int = field(default=200, metadata={"help": "Built-in task: held-out rows."})
+    task_errors: str = field(
+        default="sum", metadata={"help": "Built-in task: how wrong solutions go wrong, 'sum' (a column sum off by "
+                                 "1 or 2) or 'carry' (a dropped or invented carry, which reward models learn fast)."}
+    )
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
@@ -58,7 +62,7 @@ def _task_datasets(name: str, args: ScriptArguments, default_format: str) -> tup
         raise ValueError(f"unknown built-in task {name!r}; available: task:arithmetic[:<format>[:chat]]")
     fmt = parts[2] if len(parts) > 2 and parts[2] else default_format
     conversational = len(parts) > 3 and parts[3] in ("chat", "conversational")
-    task = ArithmeticTask(digits=args.task_digits, seed=0, conversational=conversational)
+    task = ArithmeticTask(digits=args.task_digits, seed=0, conversational=conversational, errors=args.task_errors)
     splits = task.split(args.task_train_size, args.task_test_size, train_format=fmt, test_format=fmt)
     return splits["train"], splits["test"]
 

@@ -97,8 +97,9 @@ def test_solutions_are_correct_and_checkable():
     assert solve(Problem(105, 98, "-")).answer == "7"
 
 
-def test_preference_rejected_is_wrong_and_chosen_right():
-    ds = ArithmeticTask(digits=3, seed=3, operations=("+", "-")).preference(100)
+@pytest.mark.parametrize("errors", ["sum", "carry"])
+def test_preference_rejected_is_wrong_and_chosen_right(errors):
+    ds = ArithmeticTask(digits=3, seed=3, operations=("+", "-"), errors=errors).preference(100)
     for row in ds:
         assert extract_answer(row["chosen"]) == row["answer"]
         assert extract_answer(row["rejected"]) != row["answer"]
@@ -108,8 +109,9 @@ def test_preference_rejected_is_wrong_and_chosen_right():
         assert len(wrong_steps) == 1 or (not wrong_steps and not stated_answer_is_consistent([s.strip() for s in steps]))
 
 
-def test_stepwise_labels_match_the_arithmetic():
-    ds = ArithmeticTask(digits=3, seed=4, operations=("+", "-")).stepwise(200)
+@pytest.mark.parametrize("errors", ["sum", "carry"])
+def test_stepwise_labels_match_the_arithmetic(errors):
+    ds = ArithmeticTask(digits=3, seed=4, operations=("+", "-"), errors=errors).stepwise(200)
     n_with_error = 0
     for row in ds:
         steps, labels = row["completions"], row["labels"]
@@ -127,6 +129,20 @@ def test_stepwise_labels_match_the_arithmetic():
         else:
             assert extract_answer(steps[-1]) == row["answer"]
     assert 70 <= n_with_error <= 130  # about half
+
+
+def test_carry_errors_keep_the_sum_and_flip_the_carry():
+    """A "carry" slip states the right sum and the wrong carry (borrow); the next column adds what was stated."""
+    sol = solve(Problem(47, 85), error_step=0, error_kind="carry")
+    assert sol.steps[:2] == ("7+5+0=12, write 2 carry 0.", "4+8+0=12, write 2 carry 1.") and sol.answer == "122"
+    sol = solve(Problem(52, 17, "-"), error_step=0, error_kind="carry")
+    assert sol.steps[0] == "12-7-0=5, write 5 borrow 0." and check_step(sol.steps[0]) is False and sol.answer == "45"
+    # a borrow out of the last column never reaches the answer: there the slip is a sum error
+    assert not solve(Problem(52, 17, "-"), error_step=1, error_kind="carry").correct
+    with pytest.raises(ValueError, match="error_kind"):
+        solve(Problem(1, 2), error_step=0, error_kind="digit")
+    with pytest.raises(ValueError, match="errors"):
+        ArithmeticTask(errors="digit")
 
 
 def test_unpaired_labels():

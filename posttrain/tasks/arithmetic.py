@@ -18,6 +18,16 @@ where ``tt`` is the top digit, plus ten exactly when ``b`` is 1, always two digi
 wrong on its face, and every step of a problem has the same length: a step's digits sit at fixed
 offsets from the question's, which a tiny transformer learns to look up far more easily than offsets
 that drift with each optional ``+1`` or one-digit sum. The final carry becomes the answer's leading digit.
+
+Wrong solutions (preference, unpaired and stepwise rows) come in two kinds, `errors=`:
+- ``"sum"`` (default): one column's sum is off by 1 or 2 (``7+5+0=13, write 3 carry 1.``). Checking it takes
+  the one-digit addition table, which a tiny model trained only to *classify* steps does not learn in a test
+  budget; language-model likelihoods (DPO and its kin) see it at once.
+- ``"carry"``: one column drops or invents its carry (borrow): the sum is right but the carry stated
+  disagrees with it (``7+5+0=12, write 2 carry 0.``), and the next columns add the wrong carry. The slip sits
+  in one step and is visible by comparing two digits of that step, which is what a reward or process
+  reward model on the task can learn in minutes.
+In both, a wrong final answer with every column right is the third kind of mistake.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Any, Sequence
 import datasets
 
 __all__ = [
+    "ERROR_KINDS",
     "ArithmeticTask",
     "Problem",
     "Solution",
@@ -40,6 +51,7 @@ __all__ = [
     "solve",
 ]
 
+ERROR_KINDS = ("sum", "carry")
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ADD_STEP = re.compile(r"^(\d)\+(\d)\+([01])=(\d\d), write (\d) carry (\d)\.$")
 _SUB_STEP = re.compile(r"^(\d\d)-(\d)-([01])=(\d+), write (\d) borrow (\d)\.$")
@@ -90,13 +102,18 @@ def _wrong(true: int, lo: int, hi: int, rng: random.Random) -> int:
     return rng.choice(options)
 
 
-def solve(problem: Problem, error_step: int | None = None, rng: random.Random | None = None) -> Solution:
+def solve(problem: Problem, error_step: int | None = None, rng: random.Random | None = None,
+          error_kind: str = "sum") -> Solution:
     """Column-by-column solution of `problem`.
 
-    With `error_step = k` the k-th step states a wrong value (the steps after it compute correctly from
-    that wrong value, so the error propagates into a wrong answer); `k == number of columns` keeps every
-    column right but states a wrong final answer.
+    With `error_step = k` the k-th step goes wrong (the steps after it compute correctly from what it
+    stated, so the error propagates into a wrong answer): with ``error_kind="sum"`` its sum is off by 1 or 2,
+    with ``"carry"`` its carry (borrow) is flipped; a borrow out of the last column never reaches the answer,
+    so there a "carry" error is a sum error. `k == number of columns` keeps every column right but states a
+    wrong final answer.
     """
+    if error_kind not in ERROR_KINDS:
+        raise ValueError(f"error_kind must be one of {ERROR_KINDS}, got {error_kind!r}")
     rng = rng or random.Random(0)
     xs, ys = str(problem.a)[::-1], str(problem.b)[::-1]
     ncols = max(len(xs), len(ys))
@@ -106,21 +123,25 @@ def solve(problem: Problem, error_step: int | None = None, rng: random.Random | 
     for k in range(ncols):
         x = int(xs[k]) if k < len(xs) else 0
         y = int(ys[k]) if k < len(ys) else 0
+        slip = k == error_step and error_kind == "carry"
         if problem.op == "+":
             s = x + y + carry
-            if k == error_step:
+            if k == error_step and not slip:
                 s = _wrong(s, 0, 19, rng)
-            steps.append(f"{x}+{y}+{carry}={s:02d}, write {s % 10} carry {s // 10}.")
+            out = 1 - s // 10 if slip else s // 10
+            steps.append(f"{x}+{y}+{carry}={s:02d}, write {s % 10} carry {out}.")
             digits.append(s % 10)
-            carry = s // 10
+            carry = out
         else:
             borrow = int(x - carry < y)
             d = 10 * borrow + x - y - carry
-            if k == error_step:
+            slip = slip and k < ncols - 1
+            if k == error_step and not slip:
                 d = _wrong(d, 0, 9, rng)
-            steps.append(f"{10 * borrow + x:02d}-{y}-{carry}={d}, write {d} borrow {borrow}.")
+            out = 1 - borrow if slip else borrow
+            steps.append(f"{10 * borrow + x:02d}-{y}-{carry}={d}, write {d} borrow {out}.")
             digits.append(d)
-            carry = borrow
+            carry = out
     if problem.op == "+" and carry:
         digits.append(carry)
     stated = int("".join(str(d) for d in reversed(digits)))
@@ -197,16 +218,20 @@ class ArithmeticTask:
     of strings. Problems come from one seeded stream: `problems(n)` is always the same first n, so
     every format built with the same n covers the same problems; `split` takes the test problems from
     further down the stream, never repeating a train problem (a + b and b + a count as the same).
+    `errors`: how the wrong solutions of the preference, unpaired and stepwise rows go wrong, "sum" or
+    "carry" (see the module docstring).
     """
 
     def __init__(self, digits: int = 2, seed: int = 0, *, operations: Sequence[str] = ("+",),
-                 conversational: bool = False, system_prompt: str | None = None):
+                 conversational: bool = False, system_prompt: str | None = None, errors: str = "sum"):
+        if errors not in ERROR_KINDS:
+            raise ValueError(f"errors must be one of {ERROR_KINDS}, got {errors!r}")
         if digits < 1:
             raise ValueError(f"digits must be >= 1, got {digits}")
         if not operations or any(op not in ("+", "-") for op in operations):
             raise ValueError(f"operations must be a non-empty subset of ('+', '-'), got {operations!r}")
         self.digits, self.seed, self.operations = digits, seed, tuple(operations)
-        self.conversational, self.system_prompt = conversational, system_prompt
+        self.conversational, self.system_prompt, self.errors = conversational, system_prompt, errors
 
     # ---- problems -------------------------------------------------------------------------------
     def _key(self, p: Problem) -> tuple:
@@ -256,6 +281,9 @@ class ArithmeticTask:
     def _rng(self, kind: str) -> random.Random:
         return random.Random(f"arithmetic-rows:{kind}:{self.digits}:{self.seed}")
 
+    def _wrong_solution(self, p: Problem, nsteps: int, rng: random.Random) -> Solution:
+        return solve(p, error_step=rng.randrange(nsteps), rng=rng, error_kind=self.errors)
+
     def _rows(self, kind: str, problems: Sequence[Problem], implicit_prompt: bool = False) -> datasets.Dataset:
         rng = self._rng(kind)
         rows: list[dict[str, Any]] = []
@@ -273,7 +301,7 @@ class ArithmeticTask:
             elif kind == "prompt_completion":
                 row.update(prompt=prompt, completion=self._completion(good.text))
             elif kind == "preference":
-                bad = solve(p, error_step=rng.randrange(len(good.steps)), rng=rng)
+                bad = self._wrong_solution(p, len(good.steps), rng)
                 chosen, rejected = self._completion(good.text), self._completion(bad.text)
                 if implicit_prompt:
                     row.update(chosen=prompt + chosen, rejected=prompt + rejected)
@@ -281,10 +309,10 @@ class ArithmeticTask:
                     row.update(prompt=prompt, chosen=chosen, rejected=rejected)
             elif kind == "unpaired_preference":
                 label = rng.random() < 0.5
-                sol = good if label else solve(p, error_step=rng.randrange(len(good.steps)), rng=rng)
+                sol = good if label else self._wrong_solution(p, len(good.steps), rng)
                 row.update(prompt=prompt, completion=self._completion(sol.text), label=label)
             elif kind == "stepwise":
-                sol = good if rng.random() < 0.5 else solve(p, error_step=rng.randrange(len(good.steps)), rng=rng)
+                sol = good if rng.random() < 0.5 else self._wrong_solution(p, len(good.steps), rng)
                 first_bad = len(sol.steps) if sol.error_step is None else sol.error_step
                 row.update(prompt=prompt, completions=list(sol.steps),
                            labels=[i < first_bad for i in range(len(sol.steps))])
