@@ -20,6 +20,12 @@ def digit_share(prompts, completions, **kwargs):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
+def text_length(prompts, completions, **kwargs):
+    """A reward that varies within every group of a random model's samples (their texts' lengths differ),
+    for tests that need the policy to move whatever tokens the sampler drew."""
+    return [len(c) / 10 for c in completions]
+
+
 def history(trainer, key: str) -> list:
     """The logged values of ``key``, in order."""
     return [h[key] for h in trainer.state.log_history if key in h]

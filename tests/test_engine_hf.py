@@ -218,3 +218,30 @@ def test_bad_prompts_and_config_errors(tiny):
         SamplingParams.from_dict({"temprature": 1.0})
     with pytest.raises(ValueError, match="vllm_mode='remote'"):
         OnlineEngineArgs(vllm_mode="remote")
+
+
+def test_inverse_transform_sampler_matches_the_distribution_and_skips_masked_tokens():
+    from posttrain.online.engine_hf import sample_inverse_cdf
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.0, 0.2])
+    torch.manual_seed(0)
+    tokens, totals = sample_inverse_cdf(3 * probs.expand(20000, -1))  # unnormalized weights
+    assert torch.allclose(totals, torch.full_like(totals, 3.0))
+    counts = torch.bincount(tokens, minlength=5).float() / 20000
+    assert counts[1] == 0 and counts[3] == 0  # -inf log-probs (top-k/top-p masked) are never drawn
+    assert torch.allclose(counts, probs, atol=0.015)
+
+
+def test_a_varlen_training_model_generates_on_sdpa_and_gets_varlen_back(tiny):
+    from posttrain.ops.attention import VARLEN_ATTENTION, use_varlen_attention
+
+    model, tok = tiny
+    plain = HFEngine(model, tok).generate(["What is 1 + 2?\n"], greedy())
+    varlen = copy.deepcopy(model)
+    assert use_varlen_attention(varlen)
+    seen = []
+    hook = varlen.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    out = HFEngine(varlen, tok).generate(["What is 1 + 2?\n"], greedy())
+    hook.remove()
+    assert set(seen) == {"sdpa"} and varlen.config._attn_implementation == VARLEN_ATTENTION
+    assert out.completion_ids == plain.completion_ids

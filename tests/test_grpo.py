@@ -14,7 +14,7 @@ from posttrain.online.rollout_batch import RolloutBatch
 from posttrain.tasks import ArithmeticTask
 from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
 
-from _online_helpers import _one_thread, digit_share, history  # noqa: F401  (_one_thread: autouse)
+from _online_helpers import _one_thread, digit_share, history, text_length  # noqa: F401  (_one_thread: autouse)
 
 
 class SpyEngine(HFEngine):
@@ -63,7 +63,7 @@ def test_grpo_raises_mean_reward():
 def test_reuse_of_one_generation_and_old_logps():
     model, tok = build_tiny("nano")
     args = _config(steps_per_generation=2, num_iterations=2, max_steps=4, loss_type="grpo", epsilon=0.01)
-    trainer = GRPOTrainer(model, digit_share, args, train_dataset=_data(), processing_class=tok)
+    trainer = GRPOTrainer(model, text_length, args, train_dataset=_data(), processing_class=tok)
     engine = SpyEngine(trainer.model, tok)
     trainer._engine = engine
     trainer.train()
@@ -96,7 +96,7 @@ def test_peft_reference_is_the_base_model_and_kl_is_logged():
 
     model, tok = build_tiny("nano")
     args = _config(beta=0.1, max_steps=3, learning_rate=5e-2)
-    trainer = GRPOTrainer(model, digit_share, args, train_dataset=_data(), processing_class=tok,
+    trainer = GRPOTrainer(model, text_length, args, train_dataset=_data(), processing_class=tok,
                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert trainer.ref_model is None  # the reference is the model with adapters disabled
     trainer.train()
@@ -136,7 +136,7 @@ def test_every_loss_type_is_reachable_from_the_config(loss_type):
     model, tok = build_tiny("nano")
     # two passes over one generation (old log-probs, ratio != 1), clip-higher, two-sided delta, k3 KL
     args = _config(loss_type=loss_type, num_iterations=2, beta=0.1, epsilon=0.1, epsilon_high=0.3, delta=1.5)
-    trainer = GRPOTrainer(model, digit_share, args, train_dataset=_data(), processing_class=tok)
+    trainer = GRPOTrainer(model, text_length, args, train_dataset=_data(), processing_class=tok)
     trainer.train()
     assert trainer.state.global_step == 2 and all(k > 0 for k in history(trainer, "kl")[1:])
     # the trainer hands exactly these settings to the loss (whose values tests/test_losses_grpo.py checks)

@@ -10,6 +10,11 @@ top-k and top-p (in vLLM's order) with transformers' processors and records the 
 result; the log-prob of each sampled token is read from it on the next step. So the reported log-probs
 are those of the distribution actually sampled from (see ``posttrain.online.engines``), and only one
 ``[batch, vocab]`` tensor is kept at a time, not ``[steps, batch, vocab]`` as ``output_scores`` would.
+
+The processor also draws the token itself, by inverse-transform sampling (one uniform per row against the
+running sum of the probabilities), and hands ``generate`` a one-hot score row that its greedy step picks: on
+a CPU ``torch.multinomial`` over a 32k vocabulary costs about 35 ms per step for 32 rows, more than the
+model's forward, where a cumulative sum and a binary search take about 2 ms.
 """
 
 from __future__ import annotations
@@ -23,20 +28,33 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
+from ..ops.attention import standard_attention
 from .engines import Rollout, RolloutEngine, SamplingParams, default_stop_token_ids, encode_prompts
 from .weights import base_model, unwrap_parallel
 
-__all__ = ["HFEngine", "SamplingProcessor"]
+__all__ = ["HFEngine", "SamplingProcessor", "sample_inverse_cdf"]
+
+
+def sample_inverse_cdf(weights: Tensor) -> tuple[Tensor, Tensor]:
+    """One token per row of ``[B, V]`` non-negative ``weights`` (unnormalized probabilities), drawn by inverse
+    transform: the first index whose running sum exceeds ``u * total``, ``u ~ U[0, 1)``. The strict comparison
+    never lands on a zero-weight token (masked by top-k/top-p/min-p). Returns ``(tokens [B], totals [B])``."""
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1), total.squeeze(-1)
 
 
 class SamplingProcessor(LogitsProcessor):
-    """Applies the sampling transforms and records the sampled tokens' log-probs under the result.
+    """Applies the sampling transforms, draws each row's token and records its log-prob under the result.
 
-    Called by ``generate`` once per step with the raw next-token logits; the token chosen at step k is
-    the last column of ``input_ids`` at step k + 1 (and of the final sequences for the last step).
+    Called by ``generate`` once per step with the raw next-token logits. It returns a one-hot score row on the
+    token it chose (argmax of the transformed scores when greedy), so ``generate``, run greedy, takes exactly
+    that token; ``log p = s_tok - max(s) - log(sum(exp(s - max(s))))`` needs no full log-softmax.
     """
 
     def __init__(self, params: SamplingParams, prompt_length: int) -> None:
+        self.sample = not params.greedy
         steps: list[LogitsProcessor] = []
         if params.repetition_penalty != 1.0:
             steps.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
@@ -51,24 +69,21 @@ class SamplingProcessor(LogitsProcessor):
                 steps.append(TopPLogitsWarper(params.top_p))
         self.steps = LogitsProcessorList(steps)
         self.prompt_length = prompt_length
-        self._pending: Tensor | None = None
         self._logps: list[Tensor] = []
 
-    def _collect(self, tokens: Tensor) -> None:
-        if self._pending is not None:
-            self._logps.append(self._pending.gather(-1, tokens[:, None]).squeeze(-1))
-            self._pending = None
-
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[1] > self.prompt_length:
-            self._collect(input_ids[:, -1])
         scores = self.steps(input_ids, scores.float())
-        self._pending = torch.log_softmax(scores, dim=-1)
-        return scores
+        peak = scores.amax(dim=-1, keepdim=True)
+        weights = (scores - peak).exp_()
+        if self.sample:
+            chosen, total = sample_inverse_cdf(weights)
+        else:
+            chosen, total = scores.argmax(dim=-1), weights.sum(dim=-1)
+        self._logps.append(scores.gather(1, chosen[:, None]).squeeze(1) - peak.squeeze(1) - total.log())
+        return scores.fill_(float("-inf")).scatter_(1, chosen[:, None], 0.0)  # in place: generate's own copy
 
     def finish(self, sequences: Tensor) -> Tensor:
         """``[B, new_tokens]`` log-probs of the generated tokens."""
-        self._collect(sequences[:, -1])
         n_new = sequences.shape[1] - self.prompt_length
         if len(self._logps) != n_new:
             raise RuntimeError(f"recorded {len(self._logps)} steps for {n_new} generated tokens; was another "
@@ -80,7 +95,8 @@ class SamplingProcessor(LogitsProcessor):
 
 @contextlib.contextmanager
 def _generation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (restored after), inference mode, and ZeRO-3 parameters gathered when present."""
+    """Eval mode (restored after), inference mode, SDPA attention (see `standard_attention`), and ZeRO-3
+    parameters gathered when present."""
     was_training = model.training
     model.eval()
     gather: Any = contextlib.nullcontext()
@@ -89,7 +105,7 @@ def _generation_mode(model: nn.Module) -> Iterator[None]:
         import deepspeed  # type: ignore[import-not-found]
         gather = deepspeed.zero.GatheredParameters(params)
     try:
-        with gather, torch.inference_mode():
+        with gather, standard_attention(model), torch.inference_mode():
             yield
     finally:
         model.train(was_training)
@@ -166,12 +182,11 @@ class HFEngine(RolloutEngine):
             attention_mask[b, length - len(p):] = 1
         processor = SamplingProcessor(params, length)
         # Every sampling knob is explicit so nothing is inherited from model.generation_config (an empty
-        # eos list means "no stop", where None would inherit the model's); the
-        # transforms themselves live in `processor`, so HF's own warpers stay neutral.
-        neutral = {} if params.greedy else dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+        # eos list means "no stop", where None would inherit the model's); the sampling transforms live in
+        # `processor`, which also draws the token: generate runs greedy on its one-hot scores.
         config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens, do_sample=not params.greedy, repetition_penalty=1.0,
-            num_beams=1, use_cache=True, eos_token_id=stops, pad_token_id=self.pad_token_id, **neutral)
+            max_new_tokens=params.max_new_tokens, do_sample=False, repetition_penalty=1.0,
+            num_beams=1, use_cache=True, eos_token_id=stops, pad_token_id=self.pad_token_id)
         sequences = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                    generation_config=config, logits_processor=LogitsProcessorList([processor]))
         if not isinstance(sequences, Tensor):

@@ -9,18 +9,21 @@ masking the right padding never reaches a real query, so no mask is needed. Padd
 `attention_mask`) fall through to transformers' own SDPA.
 
 Registered as attention implementation `"posttrain_varlen"` (with a mask function that builds no mask for
-padding-free rows); `use_varlen_attention(model)` switches a model to it.
+padding-free rows); `use_varlen_attention(model)` switches a model to it, and `standard_attention(model)`
+switches it back to SDPA for a while: decoding with a KV cache and left padding never has padding-free rows,
+and there transformers' own SDPA path ran HF generate about twice as fast (measured on CPU).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VARLEN_ATTENTION", "varlen_sdpa_attention", "use_varlen_attention", "sequence_starts"]
+__all__ = ["VARLEN_ATTENTION", "varlen_sdpa_attention", "use_varlen_attention", "standard_attention", "sequence_starts"]
 
 VARLEN_ATTENTION = "posttrain_varlen"
 
@@ -118,3 +121,28 @@ def use_varlen_attention(model: nn.Module) -> bool:
             pass
     config._attn_implementation = VARLEN_ATTENTION
     return True
+
+
+def _set_attention(model: nn.Module, name: str) -> None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
+    if hasattr(inner, "set_attn_implementation"):
+        try:
+            inner.set_attn_implementation(name)
+            return
+        except (ValueError, TypeError, ImportError):
+            pass
+    inner.config._attn_implementation = name
+
+
+@contextlib.contextmanager
+def standard_attention(model: nn.Module) -> Iterator[None]:
+    """Within the block a model on `posttrain_varlen` runs transformers' SDPA (restored after); others as is."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != VARLEN_ATTENTION:
+        yield
+        return
+    _set_attention(model, "sdpa")
+    try:
+        yield
+    finally:
+        _set_attention(model, VARLEN_ATTENTION)
