@@ -30,7 +30,9 @@ CHUNK_ELEMENTS = 1 << 21  # ~8 MiB of float32 logits per chunk
 
 def auto_chunk_size(vocab_size: int, chunk_size: int | None = None) -> int:
     """Rows per chunk: `chunk_size` when given, else as many rows as keep one `[rows, V]` float32 block near
-    32 MiB (e.g. 256 rows for a 32k vocabulary, 4096 for 2k), so peak memory does not grow with the vocabulary."""
+    8 MiB (e.g. 64 rows for a 32k vocabulary, 1024 for 2k), so peak memory does not grow with the vocabulary.
+    On CPU larger blocks were no faster (32k vocabulary, 2048 rows: 64 rows 2.2 s, 256 rows 2.2 s, 512 rows 2.6 s
+    for forward and backward)."""
     if chunk_size:
         return int(chunk_size)
     return max(16, min(8192, CHUNK_ELEMENTS // max(1, vocab_size)))
@@ -99,6 +101,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 entropy[s:e] = lse_c - (p * z).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        # An output the loss does not use (the entropy, logged as a metric) gets None, not a zero gradient
+        # that would cost the backward pass three more [chunk, V] passes.
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(argmax)
         return logps, entropy, argmax
 
