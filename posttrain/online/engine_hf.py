@@ -6,15 +6,14 @@ train/eval mode is restored afterwards). DDP / DeepSpeed / ``torch.compile`` wra
 a PEFT model is kept, so its adapters apply.
 
 Sampling is done by our own logits processor, which applies repetition penalty, temperature, min-p,
-top-k and top-p (in vLLM's order) with transformers' processors and records the log-softmax of the
-result; the log-prob of each sampled token is read from it on the next step. So the reported log-probs
-are those of the distribution actually sampled from (see ``posttrain.online.engines``), and only one
-``[batch, vocab]`` tensor is kept at a time, not ``[steps, batch, vocab]`` as ``output_scores`` would.
-
-The processor also draws the token itself, by inverse-transform sampling (one uniform per row against the
-running sum of the probabilities), and hands ``generate`` a one-hot score row that its greedy step picks: on
-a CPU ``torch.multinomial`` over a 32k vocabulary costs about 35 ms per step for 32 rows, more than the
-model's forward, where a cumulative sum and a binary search take about 2 ms.
+top-k and top-p (in vLLM's order) with transformers' processors, draws each row's token from the result
+by inverse-transform sampling (one uniform per row against the running sum of the probabilities) and
+records that token's log-prob under it. So the reported log-probs are those of the distribution actually
+sampled from (see ``posttrain.online.engines``), and no ``[steps, batch, vocab]`` tensor is kept as
+``output_scores`` would. ``generate`` runs greedy on the one-hot score row the processor returns, so it
+takes exactly the drawn token: on a CPU ``torch.multinomial`` over a 32k vocabulary costs about 35 ms per
+step for 32 rows, more than the model's forward, where a cumulative sum and a binary search take about 2 ms.
+A model on posttrain's padding-free attention decodes on SDPA (about 2x faster there) and gets it back after.
 """
 
 from __future__ import annotations
