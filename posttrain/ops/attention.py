@@ -113,17 +113,12 @@ def use_varlen_attention(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", VARLEN_ATTENTION):
         return False
-    if hasattr(model, "set_attn_implementation"):
-        try:
-            model.set_attn_implementation(VARLEN_ATTENTION)
-            return True
-        except (ValueError, TypeError, ImportError):
-            pass
-    config._attn_implementation = VARLEN_ATTENTION
+    _set_attention(model, VARLEN_ATTENTION)
     return True
 
 
 def _set_attention(model: nn.Module, name: str) -> None:
+    """transformers' own switch where the model accepts `name`, else the config field it reads."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
     if hasattr(inner, "set_attn_implementation"):
         try:
