@@ -65,7 +65,7 @@ def stage_split(task: Any, opts: QuickstartOptions, kind: str, stage: str) -> tu
         return train.select(range(cut)), test
     if stage == "grpo":
         enough = len(train) - cut >= max(1, opts.grpo_batch_size // opts.grpo_generations)
-        return (train.select(range(cut, len(train))) if cut < len(train) and enough else train), test
+        return (train.select(range(cut, len(train))) if enough else train), test
     raise ValueError(f"unknown quickstart stage {stage!r}; expected 'sft' or 'grpo'")
 
 
