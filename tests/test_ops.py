@@ -39,10 +39,11 @@ def make(n=37, h=8, v=50, dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, 100])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_values_and_gradients_match_full_logits(dtype, tol, chunk_size, temperature):
+@pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "kept"])
+def test_values_and_gradients_match_full_logits(dtype, tol, chunk_size, temperature, keep_logits):
     hidden, weight, bias, labels = make(dtype=dtype)
     logp, ent = selective_log_softmax(hidden, weight, labels, bias=bias, temperature=temperature,
-                                      chunk_size=chunk_size, with_entropy=True)
+                                      chunk_size=chunk_size, with_entropy=True, keep_logits=keep_logits)
     assert logp.dtype == dtype and ent.dtype == dtype and logp.shape == (37,)
     ref_logp, ref_ent = written_out(hidden, weight, labels, bias, temperature)
     torch.testing.assert_close(logp.double(), ref_logp, atol=tol, rtol=tol)
@@ -56,6 +57,20 @@ def test_values_and_gradients_match_full_logits(dtype, tol, chunk_size, temperat
     for got, want in zip(grads, ref_grads):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want.double(), atol=tol * 10, rtol=tol * 10)
+
+
+def test_kept_logits_serve_one_backward_and_a_second_one_recomputes():
+    """Kept logits are turned into the gradient in place; a retained graph's second backward must still be
+    right (it recomputes), and logp-only gradients (no entropy term) take the in-place path."""
+    hidden, weight, bias, labels = make()
+    logp, _ = selective_log_softmax(hidden, weight, labels, bias=bias, chunk_size=8, keep_logits=True)
+    first = torch.autograd.grad(logp.sum(), (hidden, weight, bias), retain_graph=True)
+    second = torch.autograd.grad(logp.sum(), (hidden, weight, bias))
+    ref_logp, _ = written_out(hidden, weight, labels, bias)
+    want = torch.autograd.grad(ref_logp.sum(), (hidden, weight, bias))
+    for a, b, w in zip(first, second, want):
+        torch.testing.assert_close(a, w, atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(b, w, atol=1e-9, rtol=1e-9)
 
 
 def test_gradcheck_logp_and_entropy_separately():
@@ -285,11 +300,15 @@ def _check_memory(n, chunk):
             return float(weight.grad.abs().sum())
     """
     res = peak_kib(setup, {
-        "chunked": "run(lambda h, w, y: selective_log_softmax(h, w, y, chunk_size=chunk))",
+        "chunked": "run(lambda h, w, y: selective_log_softmax(h, w, y, chunk_size=chunk, keep_logits=False))",
+        "kept": "run(lambda h, w, y: selective_log_softmax(h, w, y, chunk_size=chunk, keep_logits=True))",
         "naive": "run(naive_log_softmax)",
     })
-    chunked, naive = res["chunked"], res["naive"]
+    chunked, kept, naive = res["chunked"], res["kept"], res["naive"]
     assert naive["value"] == pytest.approx(chunked["value"], rel=1e-3)
+    assert naive["value"] == pytest.approx(kept["value"], rel=1e-3)
     # full logits: n x 65536 float32 = n / 4 MiB per [N, V] tensor, and the naive path holds about three
     assert naive["peak_kib"] > 2 * (n // 4) * 1024
     assert chunked["peak_kib"] < naive["peak_kib"] / 4, (chunked, naive)
+    # kept logits: one [N, V] buffer, turned into the gradient in place
+    assert kept["peak_kib"] < naive["peak_kib"] / 2, (kept, naive)

@@ -9,7 +9,9 @@ three ``[N, V]`` float32 tensors, which at ``V = 150k`` dominate memory.
 ``[chunk, V]`` block at a time and saves only the inputs and one float per row (the logsumexp);
 backward recomputes each chunk's logits and accumulates the gradients of ``h``, ``W`` and ``b``.
 Peak extra memory is ``O(chunk_size * V)`` instead of ``O(N * V)``, at the cost of one extra
-matmul in backward (the same trade as activation checkpointing).
+matmul in backward (the same trade as activation checkpointing). When the whole ``[N, V]`` block is
+small (``KEEP_LOGITS_BYTES``, 256 MiB), forward keeps it and backward turns it into the gradient in
+place: one ``[N, V]`` buffer, no recompute. Larger inputs (long sequences, 150k vocabularies) recompute.
 
 All arithmetic is in float32 (float64 for float64 inputs) whatever the input dtype: bf16 logits lose
 ~2 decimal digits, enough to bias importance ratios in RL. Outputs are float32 (float64 for float64
@@ -26,6 +28,9 @@ __all__ = ["selective_log_softmax", "selective_log_softmax_ext", "argmax_tokens"
 
 
 CHUNK_ELEMENTS = 1 << 21  # ~8 MiB of float32 logits per chunk
+# Logits of at most this size are kept from forward for backward instead of recomputed: one [N, V] matmul
+# less (about 1/4 of the op's time: 32k vocabulary, 2048 rows, 256 MiB; see README.md, Benchmarks).
+KEEP_LOGITS_BYTES = 256 << 20
 
 
 def auto_chunk_size(vocab_size: int, chunk_size: int | None = None) -> int:
@@ -65,9 +70,10 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
-def _chunk_logits(h: Tensor, weight_c: Tensor, bias_c: Tensor | None, temperature: float) -> Tensor:
-    """Logits of one chunk of rows in the compute dtype, divided by the temperature."""
-    z = h.to(weight_c.dtype) @ weight_c.T
+def _chunk_logits(h: Tensor, weight_c: Tensor, bias_c: Tensor | None, temperature: float,
+                  out: Tensor | None = None) -> Tensor:
+    """Logits of one chunk of rows in the compute dtype, divided by the temperature (into ``out`` if given)."""
+    z = torch.mm(h.to(weight_c.dtype), weight_c.T, out=out)
     if bias_c is not None:
         z += bias_c
     if temperature != 1.0:
@@ -80,7 +86,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
-                chunk_size: int, with_entropy: bool, with_argmax: bool):
+                chunk_size: int, with_entropy: bool, with_argmax: bool, keep_logits: bool):
         n, cdt = hidden.shape[0], _compute_dtype(hidden, weight, bias)
         weight_c = weight.to(cdt)
         bias_c = bias.to(cdt) if bias is not None else None
@@ -88,9 +94,10 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         lse = hidden.new_empty(n, dtype=cdt)
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=cdt)
         argmax = labels.new_empty(n if with_argmax else 0, dtype=torch.long)
+        kept = hidden.new_empty((n, weight.shape[0]), dtype=cdt) if keep_logits else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = _chunk_logits(hidden[s:e], weight_c, bias_c, temperature)
+            z = _chunk_logits(hidden[s:e], weight_c, bias_c, temperature, out=kept[s:e] if kept is not None else None)
             lse_c = torch.logsumexp(z, dim=-1)
             lse[s:e] = lse_c
             logps[s:e] = z.gather(1, labels[s:e, None]).squeeze(1) - lse_c
@@ -101,6 +108,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 entropy[s:e] = lse_c - (p * z).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.kept_logits = kept  # consumed (overwritten) by the first backward; a second one recomputes
         # An output the loss does not use (the entropy, logged as a metric) gets None, not a zero gradient
         # that would cost the backward pass three more [chunk, V] passes.
         ctx.set_materialize_grads(False)
@@ -116,21 +124,24 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         bias_c = bias.to(cdt) if bias is not None else None
         if g_ent is not None and g_ent.numel() == 0:
             g_ent = None
+        kept, ctx.kept_logits = ctx.kept_logits, None
         if g_logp is None and g_ent is None:
-            return (None,) * 8
+            return (None,) * 9
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if need_b else None
         for s in range(0, n, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             h = hidden[s:e]
-            z = _chunk_logits(h, weight_c, bias_c, t)
-            p = (z - lse[s:e, None]).exp_()
+            z = kept[s:e] if kept is not None else _chunk_logits(h, weight_c, bias_c, t)
             ent_term = None
             if g_ent is not None:
                 # H = lse - sum_k p_k z_k ;  dH/dz_j = -p_j (z_j - sum_k p_k z_k); reuse z's buffer
+                p = (z - lse[s:e, None]).exp_()
                 mean_z = (p * z).sum(-1, keepdim=True)
                 ent_term = z.sub_(mean_z).mul_(p).mul_(g_ent[s:e, None].to(cdt))
+            else:
+                p = z.sub_(lse[s:e, None]).exp_()
             del z
             # d logp_y / dz_j = 1[j = y] - p_j; reuse p's buffer for the gradient
             if g_logp is not None:
@@ -151,27 +162,35 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 grad_b += gz.sum(0)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def selective_log_softmax_ext(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                               temperature: float = 1.0, chunk_size: int | None = None, with_entropy: bool = False,
-                              with_argmax: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                              with_argmax: bool = False, keep_logits: bool | None = None
+                              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """:func:`selective_log_softmax` that can also return the argmax token of each row (no gradient).
 
     Returns ``(logps [N], entropy [N] | None, argmax [N] | None)``; the argmax comes from the same
-    chunked pass, so token accuracy costs no extra matmul.
+    chunked pass, so token accuracy costs no extra matmul. ``keep_logits``: keep the ``[N, V]`` logits
+    for backward rather than recompute them (default: when they fit in ``KEEP_LOGITS_BYTES`` and a
+    gradient is needed).
     """
     chunk_size = auto_chunk_size(weight.shape[0], chunk_size)
     _check(hidden, weight, labels, bias, chunk_size, temperature)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    if keep_logits is None:
+        itemsize = torch.finfo(_compute_dtype(hidden, weight, bias)).bits // 8
+        keep_logits = hidden.shape[0] * weight.shape[0] * itemsize <= KEEP_LOGITS_BYTES
     logps, entropy, argmax = _SelectiveLogSoftmax.apply(
-        hidden, weight, bias, labels, float(temperature), int(chunk_size), bool(with_entropy), bool(with_argmax))
+        hidden, weight, bias, labels, float(temperature), int(chunk_size), bool(with_entropy), bool(with_argmax),
+        bool(keep_logits and needs_grad))
     return logps, (entropy if with_entropy else None), (argmax if with_argmax else None)
 
 
 def selective_log_softmax(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                           temperature: float = 1.0, chunk_size: int | None = None,
-                          with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                          with_entropy: bool = False, keep_logits: bool | None = None) -> tuple[Tensor, Tensor | None]:
     """Per-row ``log softmax(h W^T + b) / T)[label]`` and optionally the entropy, chunked over rows.
 
     Args:
@@ -181,13 +200,15 @@ def selective_log_softmax(hidden: Tensor, weight: Tensor, labels: Tensor, *, bia
         temperature: logits are divided by it before the softmax.
         chunk_size: rows per block; peak extra memory is a few ``[chunk_size, V]`` float32 blocks.
         with_entropy: also return ``H = logsumexp(z) - sum_j softmax(z)_j z_j`` per row.
+        keep_logits: keep the logits for backward (default: when they fit in ``KEEP_LOGITS_BYTES``).
 
     Returns:
         ``(logps [N], entropy [N] | None)`` in float32 (float64 for float64 inputs), both differentiable
         w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     logps, entropy, _ = selective_log_softmax_ext(hidden, weight, labels, bias=bias, temperature=temperature,
-                                                  chunk_size=chunk_size, with_entropy=with_entropy)
+                                                  chunk_size=chunk_size, with_entropy=with_entropy,
+                                                  keep_logits=keep_logits)
     return logps, entropy
 
 
