@@ -240,8 +240,45 @@ def test_a_varlen_training_model_generates_on_sdpa_and_gets_varlen_back(tiny):
     varlen = copy.deepcopy(model)
     assert use_varlen_attention(varlen)
     seen = []
-    hook = varlen.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    hook = varlen.get_decoder().register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
     out = HFEngine(varlen, tok).generate(["What is 1 + 2?\n"], greedy())
     hook.remove()
     assert set(seen) == {"sdpa"} and varlen.config._attn_implementation == VARLEN_ATTENTION
     assert out.completion_ids == plain.completion_ids
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(n=3, temperature=0.8, top_p=0.9, max_new_tokens=9, seed=5),
+    SamplingParams(n=2, temperature=1.2, top_k=20, min_p=0.01, repetition_penalty=1.3, max_new_tokens=7, seed=2),
+    SamplingParams(temperature=0.0, repetition_penalty=1.5, max_new_tokens=6),
+], ids=["top_p", "top_k-min_p-repetition", "greedy-repetition"])
+def test_decode_loop_matches_generate_token_for_token(tiny, params):
+    """The engine's own decode loop and HF generate (same sampler, same seed) give the same completions and
+    log-probs, with left padding, a stop token and every sampling transform."""
+    model, tok = tiny
+    prompts = [[7, 8], [3, 4, 5, 6, 7, 8, 9, 10, 11], PROMPTS[1]]
+    base = HFEngine(model, tok, decode_loop=False).generate(prompts, params)
+    stop = base.completion_ids[1][2]
+    params = SamplingParams(**{**params.__dict__, "stop_token_ids": [stop]})
+    loop = HFEngine(model, tok).generate(prompts, params)
+    ref = HFEngine(model, tok, decode_loop=False).generate(prompts, params)
+    assert loop.completion_ids == ref.completion_ids and loop.truncated == ref.truncated
+    assert any(not t for t in loop.truncated)  # the stop token ended at least one completion
+    for a, b in zip(loop.logprobs, ref.logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_models_the_decode_loop_cannot_run_keep_generate(tiny):
+    from posttrain.online.decode_loop import supports_decode_loop
+
+    model, tok = tiny
+    assert supports_decode_loop(model)
+    capped = copy.deepcopy(model)
+    capped.config.final_logit_softcapping = 30.0  # a head transform the loop does not apply
+    assert not supports_decode_loop(capped)
+    capped.config.final_logit_softcapping = None
+    peft_head = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert not supports_decode_loop(peft_head)  # an adapter on the head: generate applies it
+    out = HFEngine(peft_head, tok).generate(PROMPTS[:1], greedy(5))
+    ref = HFEngine(peft_head, tok, decode_loop=False).generate(PROMPTS[:1], greedy(5))
+    assert out.completion_ids == ref.completion_ids

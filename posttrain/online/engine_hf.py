@@ -28,6 +28,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from ..ops.attention import standard_attention
+from .decode_loop import decode, supports_decode_loop
 from .engines import Rollout, RolloutEngine, SamplingParams, default_stop_token_ids, encode_prompts
 from .weights import base_model, unwrap_parallel
 
@@ -70,7 +71,9 @@ class SamplingProcessor(LogitsProcessor):
         self.prompt_length = prompt_length
         self._logps: list[Tensor] = []
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def draw(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        """Transform ``scores [B, V]`` (in place where possible), pick each row's token ``[B]``, record its
+        log-prob. ``input_ids`` are the rows so far (the repetition penalty reads them)."""
         scores = self.steps(input_ids, scores.float())
         peak = scores.amax(dim=-1, keepdim=True)
         weights = (scores - peak).exp_()
@@ -79,6 +82,11 @@ class SamplingProcessor(LogitsProcessor):
         else:
             chosen, total = scores.argmax(dim=-1), weights.sum(dim=-1)
         self._logps.append(scores.gather(1, chosen[:, None]).squeeze(1) - peak.squeeze(1) - total.log())
+        return chosen
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        chosen = self.draw(input_ids, scores)
         return scores.fill_(float("-inf")).scatter_(1, chosen[:, None], 0.0)  # in place: generate's own copy
 
     def finish(self, sequences: Tensor) -> Tensor:
@@ -128,11 +136,12 @@ class HFEngine(RolloutEngine):
     samples_from_policy = True
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch_size: int = 64,
-                 stop_token_ids: Sequence[int] | None = None) -> None:
+                 stop_token_ids: Sequence[int] | None = None, decode_loop: bool = True) -> None:
         super().__init__(sync_every=1)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size}: expected >= 1")
         self.model = model
+        self.decode_loop = decode_loop
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None \
@@ -186,8 +195,13 @@ class HFEngine(RolloutEngine):
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens, do_sample=False, repetition_penalty=1.0,
             num_beams=1, use_cache=True, eos_token_id=stops, pad_token_id=self.pad_token_id)
-        sequences = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                   generation_config=config, logits_processor=LogitsProcessorList([processor]))
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        if self.decode_loop and supports_decode_loop(model):
+            sequences = decode(model, input_ids, attention_mask, processor, params.max_new_tokens, stops,
+                               self.pad_token_id)
+        else:
+            sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                       logits_processor=LogitsProcessorList([processor]))
         if not isinstance(sequences, Tensor):
             sequences = sequences.sequences
         logps = processor.finish(sequences).float().cpu()
