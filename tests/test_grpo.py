@@ -60,6 +60,31 @@ def test_grpo_raises_mean_reward():
         assert key in trainer.state.log_history[0], key
 
 
+def test_rollouts_are_seeded_per_step_and_reproducible_from_run_to_run():
+    """The trainer seeds every rollout from args.seed and the step, so two runs sample the same completions
+    (whatever the engine: vLLM and the server take the same per-request seed), steps differ, seeds differ."""
+    def run(seed):
+        seen = []
+
+        def record(prompts, completions, **kw):
+            seen.append(list(completions))
+            return text_length(prompts, completions)
+
+        model, tok = build_tiny("nano")
+        trainer = GRPOTrainer(model, record, _config(max_steps=3, seed=seed), train_dataset=_data(),
+                              processing_class=tok)
+        seeds = [trainer.sampling_params().seed]
+        trainer.train()
+        return seen, seeds + [trainer.sampling_params().seed]
+
+    first, seeds = run(0)
+    again, _ = run(0)
+    other, other_seeds = run(1)
+    assert len(first) == 3 and first == again
+    assert first[0] != first[1] and first != other
+    assert seeds[0] != seeds[1] and seeds[0] != other_seeds[0]
+
+
 def test_reuse_of_one_generation_and_old_logps():
     model, tok = build_tiny("nano")
     args = _config(steps_per_generation=2, num_iterations=2, max_steps=4, loss_type="grpo", epsilon=0.01)

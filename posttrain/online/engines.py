@@ -2,8 +2,8 @@
 
 One interface (:class:`RolloutEngine`), three backends:
 
-- :class:`~posttrain.online.engine_hf.HFEngine` (default): ``model.generate`` on the training model
-  itself, so it always samples from the current policy (``samples_from_policy=True``).
+- :class:`~posttrain.online.engine_hf.HFEngine` (default): decodes with the training model itself (our own
+  loop, or ``model.generate``), so it always samples from the current policy (``samples_from_policy=True``).
 - :class:`~posttrain.online.engine_vllm.VLLMEngine`: vLLM colocated in the training process
   (``use_vllm=True, vllm_mode="colocate"``); weights are copied into it by :meth:`sync_weights`.
 - :class:`~posttrain.online.client.RolloutServerClient`: a ``posttrain serve`` process

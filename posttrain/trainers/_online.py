@@ -201,11 +201,19 @@ class OnlineTrainer(PostTrainer):
             for b in group:
                 b.dapo_denominator = total / self.accelerator.num_processes
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, mode: str = "train") -> SamplingParams:
+        """The rollout's sampling settings, with a seed of its own: ``args.seed``, the process and the
+        micro-step it generates at (evaluation reuses one seed), so that every engine (HF, vLLM colocated, the server)
+        samples reproducibly from run to run (a resumed run included) and processes do not draw the same
+        completions."""
         a = self.args
+        ga = a.gradient_accumulation_steps
+        round_ = self.state.global_step * ga + self._micro_step % ga if mode == "train" else 0
+        offset = 1 if mode == "train" else 0
+        seed = ((a.seed * 1_000_003 + round_ * 2 + offset) * max(a.world_size, 1) + a.process_index) % (1 << 31)
         return SamplingParams(n=a.num_generations, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-                              max_new_tokens=a.max_completion_length)
+                              max_new_tokens=a.max_completion_length, seed=seed)
 
     @property
     def _logps_temperature(self) -> float:
@@ -224,7 +232,7 @@ class OnlineTrainer(PostTrainer):
         """Generate ``num_generations`` completions per prompt, score them and build the batch."""
         args, device = self.args, self.args.device
         t0 = time.perf_counter()
-        rollout = self.engine.generate([r["prompt_ids"] for r in rows], self.sampling_params()).check()
+        rollout = self.engine.generate([r["prompt_ids"] for r in rows], self.sampling_params(mode)).check()
         t1 = time.perf_counter()
         prompts = [rows[k]["prompt"] for k in rollout.prompt_index]
         completions: list[Any] = list(rollout.texts)
