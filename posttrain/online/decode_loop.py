@@ -20,7 +20,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops.forward import _decoder, output_head, unwrap
+from ..ops.forward import decoder_module, output_head, unwrap
 
 __all__ = ["supports_decode_loop", "head_logits", "decode", "DrawsTokens"]
 
@@ -43,7 +43,7 @@ def supports_decode_loop(model: nn.Module) -> bool:
         return False
     try:
         output_head(base)
-        _decoder(base)
+        decoder_module(base)
     except (NotImplementedError, ValueError):
         return False
     return True
@@ -75,7 +75,7 @@ def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, processo
     the loop ends when every row has stopped or after ``max_new_tokens`` tokens.
     """
     base = unwrap(model)
-    decoder = _decoder(base)
+    decoder = decoder_module(base)
     weight, bias = output_head(base)
     batch, length = input_ids.shape
     device = input_ids.device

@@ -1,9 +1,9 @@
 """Rollouts on the training model itself (the default engine): our decode loop, or Hugging Face ``generate``.
 
-A plain decoder-only LM decodes in `posttrain.online.decode_loop` (decoder and head called directly; on the
-benchmark model, 32 x 64 tokens on 2 CPU threads, a median 1.94 s against generate's 2.04 s); other models (head transforms, an adapter on the head,
-recurrent caches) go through ``generate``. Both draw with the same `SamplingProcessor` and give the same
-tokens and log-probs.
+A plain decoder-only LM decodes in `posttrain.online.decode_loop` (decoder and head called directly; on
+the benchmark model, 32 x 64 tokens on 2 CPU threads, a median 1.94 s against generate's 2.04 s); other
+models (head transforms, an adapter on the head, recurrent caches) go through ``generate``. Both draw
+with the same `SamplingProcessor` and give the same tokens and log-probs.
 
 Batched with left padding and the KV cache, in chunks of at most ``max_batch_size`` sequences (sorted by
 prompt length so a chunk pads little), under ``torch.inference_mode`` with the model in eval mode (its

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from posttrain.ops.divergences import chunked_divergence
 from posttrain.ops.logprobs import selective_log_softmax_ext
 
-__all__ = ["TokenLogps", "token_logps", "token_divergence", "output_head", "decoder_hidden_states",
+__all__ = ["TokenLogps", "token_logps", "token_divergence", "output_head", "decoder_module", "decoder_hidden_states",
            "prediction_mask", "unwrap"]
 
 
@@ -89,7 +89,8 @@ def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight, getattr(head, "bias", None)
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+def decoder_module(model: nn.Module) -> nn.Module:
+    """The decoder stack under the LM head (``get_decoder()`` or ``.model``), wrappers stripped."""
     base = unwrap(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
     if decoder is None or decoder is base:
@@ -108,7 +109,7 @@ def _capture_hidden(model: nn.Module) -> Iterator[dict[str, Tensor]]:
         hidden = getattr(output, "last_hidden_state", None)
         store["hidden"] = hidden if hidden is not None else output[0]
 
-    handle = _decoder(model).register_forward_hook(hook)
+    handle = decoder_module(model).register_forward_hook(hook)
     try:
         yield store
     finally:
