@@ -232,6 +232,30 @@ def test_inverse_transform_sampler_matches_the_distribution_and_skips_masked_tok
     assert torch.allclose(counts, probs, atol=0.015)
 
 
+
+@pytest.mark.parametrize("vocab", [1024, 1000], ids=["whole-blocks", "padded-last-block"])
+def test_two_level_sampler_matches_the_distribution_over_a_large_vocabulary(vocab):
+    """Past two blocks the draw picks a 128-token block by its sum, then a token in it: the frequencies must
+    still be the distribution's (chi-square), masked tokens are never drawn, and the last, padded block
+    (a vocabulary that is not a multiple of 128) is reached."""
+    from posttrain.online.engine_hf import sample_inverse_cdf
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(vocab, generator=g) ** 4  # uneven, some tokens far likelier than others
+    weights[::3] = 0.0  # masked (top-k / top-p) tokens
+    weights[-1] = 5.0  # the last token, in the last block
+    torch.manual_seed(1)
+    draws = 200_000
+    tokens, totals = sample_inverse_cdf(weights.expand(draws, -1).contiguous())
+    assert torch.allclose(totals, torch.full_like(totals, float(weights.sum())), rtol=1e-5)
+    counts = torch.bincount(tokens, minlength=vocab).double()
+    assert counts[weights == 0].sum() == 0 and counts[-1] > 0
+    expected = weights.double() / weights.double().sum() * draws
+    live = expected > 5
+    chi2 = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
+    dof = int(live.sum()) - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5  # about 5 standard deviations above the mean of chi-square(dof)
+
 def test_a_varlen_training_model_generates_on_sdpa_and_gets_varlen_back(tiny):
     from posttrain.ops.attention import VARLEN_ATTENTION, use_varlen_attention
 
@@ -282,3 +306,51 @@ def test_models_the_decode_loop_cannot_run_keep_generate(tiny):
     out = HFEngine(peft_head, tok).generate(PROMPTS[:1], greedy(5))
     ref = HFEngine(peft_head, tok, decode_loop=False).generate(PROMPTS[:1], greedy(5))
     assert out.completion_ids == ref.completion_ids
+
+
+def _tiny_arch(kind: str, tok):
+    """A seeded tiny model of another decoder family (GQA, biases, q/k norms, sliding window)."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id)
+    torch.manual_seed(3)
+    if kind in ("llama-gqa", "llama-lora"):
+        model = LlamaForCausalLM(LlamaConfig(attention_bias=True, **common))
+        if kind == "llama-lora":
+            model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                     init_lora_weights=False))
+        return model
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common))
+    if kind == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(head_dim=32, **common))
+    if kind == "mistral-window":
+        return MistralForCausalLM(MistralConfig(sliding_window=4, **common))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4,
+                                      eos_token_id=tok.eos_token_id))
+
+
+@pytest.mark.parametrize("kind,kv_decoder", [("llama-gqa", True), ("llama-lora", True), ("qwen2", True),
+                                             ("qwen3", True), ("mistral-window", False), ("gpt2", False)])
+def test_decode_loop_on_each_decoder_family_matches_generate(tiny, kind, kv_decoder, monkeypatch):
+    """The preallocated-cache step (`KVDecoder`) reproduces generate on every family it claims (biases, GQA,
+    Qwen3's q/k norms, LoRA on the projections); a sliding window shorter than the rollout, or another
+    architecture, runs the HF decoder instead, with the same result."""
+    from posttrain.online import decode_step
+
+    _, tok = tiny
+    model = _tiny_arch(kind, tok).float().eval()
+    steps = []
+    real_step = decode_step.KVDecoder.step
+    monkeypatch.setattr(decode_step.KVDecoder, "step", lambda self, *a: steps.append(1) or real_step(self, *a))
+    prompts = [[7, 8], [3, 4, 5, 6, 7, 8, 9, 10, 11], PROMPTS[1]]
+    for params in (SamplingParams(n=2, temperature=0.9, top_p=0.95, max_new_tokens=10, seed=4), greedy(10)):
+        loop = HFEngine(model, tok).generate(prompts, params)
+        ref = HFEngine(model, tok, decode_loop=False).generate(prompts, params)
+        assert loop.completion_ids == ref.completion_ids
+        for a, b in zip(loop.logprobs, ref.logprobs):
+            assert a == pytest.approx(b, abs=1e-4)
+    assert bool(steps) == kv_decoder

@@ -1,0 +1,119 @@
+"""One decode step of a Llama-family decoder on a preallocated KV cache, without the HF forward's machinery.
+
+For a small model on CPU, most of a decode step of ``LlamaModel.forward`` is not the model's math: the
+dynamic cache concatenates every layer's keys and values onto a growing tensor at every token (the whole
+cache copied per step), and each call builds a 4D attention mask and dispatches through the attention
+interface. `KVDecoder` writes each token's keys and values into buffers sized for the whole rollout and calls
+the layers' own submodules (norms, projections, MLP, rotary embedding) in the order the HF layer does, so
+PEFT adapters on the projections and any norm or rotary variant of these classes still apply. Measured on the
+benchmark model (hidden 256, 4 layers, 32 rows x 64 new tokens, 2 CPU threads, 7 interleaved runs): a
+rollout's median 1.08 s with the HF decoder on its dynamic cache, 0.86 s here.
+
+Only decoder classes whose layers are exactly "pre-norm attention + pre-norm MLP, rotary q/k, optional
+per-head q/k norm" are run (`supports_kv_decoder`); sliding-window layers shorter than the rollout, or any
+other architecture, keep the HF decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["KVDecoder", "supports_kv_decoder", "KV_DECODER_CLASSES"]
+
+# Decoder stacks whose forward is embed -> rotary -> [x += attn(norm(x)); x += mlp(norm(x))] * L -> norm.
+KV_DECODER_CLASSES = frozenset({"LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model"})
+_ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
+
+
+def supports_kv_decoder(decoder: nn.Module, total_length: int) -> bool:
+    """Whether `KVDecoder` runs ``decoder`` exactly for sequences of up to ``total_length`` tokens."""
+    if type(decoder).__name__ not in KV_DECODER_CLASSES:
+        return False
+    if not all(hasattr(decoder, part) for part in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return False
+    config = decoder.config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    windowed = "sliding_attention" in layer_types or getattr(config, "use_sliding_window", window is not None)
+    if window is not None and windowed and window < total_length:
+        return False
+    for layer in decoder.layers:
+        if not all(hasattr(layer, part) for part in _LAYER_PARTS):
+            return False
+        if not all(hasattr(layer.self_attn, part) for part in _ATTENTION_PARTS):
+            return False
+    return True
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding, as ``apply_rotary_pos_emb``: ``x cos + rotate_half(x) sin``."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class KVDecoder:
+    """Decodes one token per row per `step` on key/value buffers of ``[layers, B, kv_heads, length, head_dim]``.
+
+    ``prefill`` runs the prompt through the HF decoder once (its masks handle the left padding) and copies the
+    resulting cache into the buffers; each `step` then appends one token's keys and values in place. Left
+    padding stays masked by an additive ``[B, 1, 1, length]`` mask.
+    """
+
+    def __init__(self, decoder: nn.Module, batch: int, total_length: int) -> None:
+        self.decoder = decoder
+        config = decoder.config
+        attn = decoder.layers[0].self_attn
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.heads
+        weight = decoder.embed_tokens.weight
+        shape = (len(decoder.layers), batch, self.kv_heads, total_length, self.head_dim)
+        self.keys = weight.new_zeros(shape)
+        self.values = weight.new_zeros(shape)
+        self.mask = weight.new_zeros((batch, 1, 1, total_length))
+        self.length = 0
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        """Run the prompt ``[B, L]``; returns the last position's hidden state ``[B, H]``."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           past_key_values=cache, use_cache=True)
+        length = input_ids.shape[1]
+        for i, layer in enumerate(cache.layers):
+            self.keys[i, :, :, :length] = layer.keys
+            self.values[i, :, :, :length] = layer.values
+        self.mask[:, 0, 0, :length].masked_fill_(attention_mask == 0, torch.finfo(self.mask.dtype).min)
+        self.length = length
+        return out.last_hidden_state[:, -1]
+
+    def step(self, tokens: Tensor, position_ids: Tensor) -> Tensor:
+        """Append ``tokens [B]`` at ``position_ids [B, 1]``; returns their hidden states ``[B, H]``."""
+        decoder, cur = self.decoder, self.length
+        batch = tokens.shape[0]
+        x = decoder.embed_tokens(tokens[:, None])
+        cos, sin = decoder.rotary_emb(x, position_ids)
+        cos, sin = cos[:, None], sin[:, None]
+        mask = self.mask[..., : cur + 1]
+        gqa = self.kv_heads != self.heads
+        for i, layer in enumerate(decoder.layers):
+            attn = layer.self_attn
+            normed = layer.input_layernorm(x)
+            q = attn.q_proj(normed).view(batch, 1, self.heads, self.head_dim)
+            k = attn.k_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
+            v = attn.v_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3: per-head RMS norm before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = _rotate(q.transpose(1, 2), cos, sin)
+            self.keys[i, :, :, cur : cur + 1] = _rotate(k.transpose(1, 2), cos, sin)
+            self.values[i, :, :, cur : cur + 1] = v.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, self.keys[i, :, :, : cur + 1], self.values[i, :, :, : cur + 1],
+                                                 attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, self.heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        self.length = cur + 1
+        return decoder.norm(x)[:, -1]
