@@ -73,30 +73,6 @@ def test_kept_logits_serve_one_backward_and_a_second_one_recomputes():
         torch.testing.assert_close(b, w, atol=1e-9, rtol=1e-9)
 
 
-def test_kept_probability_buffer_is_reused_by_the_next_step_with_exact_results():
-    """On CPU, backward hands its consumed probability buffer to the next forward (no fresh page-faulting
-    allocation per step); every step's values and gradients stay those of the written-out reference, and a
-    buffer too small for a larger next step is not used."""
-    from posttrain.ops import logprobs
-
-    logprobs._KEPT_PROBS._spare = None
-    ptrs, spare_left = [], []
-    for rows in (24, 24, 40):
-        hidden, weight, bias, labels = make(n=rows)
-        logp, ent = selective_log_softmax(hidden, weight, labels, bias=bias, chunk_size=8, keep_logits=True,
-                                          with_entropy=True)
-        spare_left.append(logprobs._KEPT_PROBS._spare is not None)
-        grads = torch.autograd.grad(logp.sum() + ent.sum(), (hidden, weight, bias))
-        ptrs.append(logprobs._KEPT_PROBS._spare.data_ptr())
-        ref_logp, ref_ent = written_out(hidden, weight, labels, bias)
-        want = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), (hidden, weight, bias))
-        torch.testing.assert_close(logp, ref_logp, atol=1e-9, rtol=1e-9)
-        for a, w in zip(grads, want):
-            torch.testing.assert_close(a, w, atol=1e-9, rtol=1e-9)
-    assert spare_left == [False, False, True]  # the second step took the first's buffer; 40 rows do not fit
-    assert ptrs[0] == ptrs[1] != ptrs[2]  # and the larger buffer replaces the spare
-
-
 @pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "kept"])
 def test_gradcheck_logp_and_entropy_separately(keep_logits):
     hidden, weight, bias, labels = make(n=9, h=4, v=11)

@@ -45,33 +45,6 @@ def auto_chunk_size(vocab_size: int, chunk_size: int | None = None) -> int:
     return max(64, min(8192, CHUNK_ELEMENTS // max(1, vocab_size)))
 
 
-class _SpareBuffer:
-    """One spare CPU buffer for kept probabilities: backward hands its consumed buffer back, the next forward
-    takes it. A fresh 256 MiB tensor costs its page faults on first write every step (exp into it ran 92 ms
-    per 2048 x 32k block, 20 ms into a reused one); CUDA's caching allocator already reuses memory, so only
-    CPU buffers are kept. A forward whose backward never runs simply frees its buffer."""
-
-    def __init__(self) -> None:
-        self._spare: Tensor | None = None
-
-    def take(self, rows: int, cols: int, like: Tensor, dtype: torch.dtype) -> Tensor:
-        spare, numel = self._spare, rows * cols
-        if spare is not None and spare.dtype == dtype and spare.device == like.device and spare.numel() >= numel:
-            self._spare = None
-            return spare[:numel].view(rows, cols)
-        return like.new_empty((rows, cols), dtype=dtype)
-
-    def give(self, buffer: Tensor) -> None:
-        if buffer.device.type != "cpu":
-            return
-        root = buffer._base if buffer._base is not None else buffer
-        if self._spare is None or root.numel() >= self._spare.numel():
-            self._spare = root.view(-1)
-
-
-_KEPT_PROBS = _SpareBuffer()
-
-
 def _check(hidden: Tensor, weight: Tensor, labels: Tensor | None, bias: Tensor | None, chunk_size: int,
            temperature: float) -> None:
     if hidden.dim() != 2 or weight.dim() != 2:
@@ -147,7 +120,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         lse = hidden.new_empty(n, dtype=cdt)
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=cdt)
         argmax = labels.new_empty(n if with_argmax else 0, dtype=torch.long)
-        probs = _KEPT_PROBS.take(n, weight.shape[0], hidden, cdt) if keep_logits else None
+        probs = hidden.new_empty((n, weight.shape[0]), dtype=cdt) if keep_logits else None
         block = hidden.new_empty((min(chunk_size, n), weight.shape[0]), dtype=cdt)  # one chunk's logits, reused
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
@@ -180,8 +153,6 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             g_ent = None
         kept, ctx.kept_probs = ctx.kept_probs, None
         if g_logp is None and g_ent is None:
-            if kept is not None:
-                _KEPT_PROBS.give(kept)
             return (None,) * 9
         per_chunk = kept is None
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h and per_chunk else None
@@ -234,7 +205,6 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 grad_w = kept.T @ hidden.to(cdt)
             if need_b:
                 grad_b = kept.sum(0)
-            _KEPT_PROBS.give(kept)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
