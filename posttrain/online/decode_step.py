@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the same rotation in all four
 
 __all__ = ["KVDecoder", "supports_kv_decoder", "KV_DECODER_CLASSES"]
 
@@ -48,12 +50,6 @@ def supports_kv_decoder(decoder: nn.Module, total_length: int) -> bool:
     return True
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding, as ``apply_rotary_pos_emb``: ``x cos + rotate_half(x) sin``."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
 class KVDecoder:
     """Decodes one token per row per `step` on key/value buffers of ``[layers, B, kv_heads, length, head_dim]``.
 
@@ -78,8 +74,6 @@ class KVDecoder:
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
         """Run the prompt ``[B, L]``; returns the last position's hidden state ``[B, H]``."""
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            past_key_values=cache, use_cache=True)
@@ -97,7 +91,6 @@ class KVDecoder:
         batch = tokens.shape[0]
         x = decoder.embed_tokens(tokens[:, None])
         cos, sin = decoder.rotary_emb(x, position_ids)
-        cos, sin = cos[:, None], sin[:, None]
         mask = self.mask[..., : cur + 1]
         gqa = self.kv_heads != self.heads
         for i, layer in enumerate(decoder.layers):
@@ -108,8 +101,8 @@ class KVDecoder:
             v = attn.v_proj(normed).view(batch, 1, self.kv_heads, self.head_dim)
             if hasattr(attn, "q_norm"):  # Qwen3: per-head RMS norm before the rotation
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q = _rotate(q.transpose(1, 2), cos, sin)
-            self.keys[i, :, :, cur : cur + 1] = _rotate(k.transpose(1, 2), cos, sin)
+            q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            self.keys[i, :, :, cur : cur + 1] = k
             self.values[i, :, :, cur : cur + 1] = v.transpose(1, 2)
             out = F.scaled_dot_product_attention(q, self.keys[i, :, :, : cur + 1], self.values[i, :, :, : cur + 1],
                                                  attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
