@@ -5,11 +5,14 @@ logits-processor and stopping-criteria machinery, and (with posttrain's sampler,
 logits) a one-hot score row that generate then takes the argmax of. This loop calls the decoder and the
 output head directly, so each step is one decoder step, one head matmul on the last hidden state, and
 `SamplingProcessor.draw`. Llama-family decoders step on a preallocated KV cache (`KVDecoder`), and on CPU the
-head multiplies by a contiguous transposed copy of its weight (`head_columns`).
+head's weight is packed once per rollout for oneDNN (`posttrain.ops.packed_linear`).
 
 On the benchmark model (hidden 256, 4 layers, 32k vocabulary, 32 rows x 64 tokens, 2 CPU threads), medians
-of 7 interleaved rollouts: HF decoder with the plain head 1.25-1.30 s, with the transposed head 1.02-1.08 s,
-on `KVDecoder` 0.86 s (generate itself: about 2.0 s before the sampler's two-level draw).
+of 7 interleaved rollouts on an Intel VM: HF decoder with the plain head 1.25-1.30 s, with a contiguous
+transposed head for MKL 1.02-1.08 s, on `KVDecoder` 0.86 s (generate itself: about 2.0 s before the sampler's
+two-level draw). On an AMD EPYC VM, where MKL ran the head's 32-row product at a quarter of Intel's speed,
+a head packed once per rollout for oneDNN (`PackedLinear`) took a rollout from 1.30 s to 0.81 s (medians of 4
+interleaved runs; the head's share of a step from 11 ms to 4.6 ms).
 
 Used for plain decoder-only causal LMs (a decoder plus a linear output head, dynamic KV cache);
 anything else (logit soft-capping, an adapter on the head, recurrent or encoder-decoder models) keeps
@@ -24,9 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.forward import decoder_module, output_head, unwrap
+from ..ops.packed_linear import PackedLinear
 from .decode_step import KVDecoder, supports_kv_decoder
 
-__all__ = ["supports_decode_loop", "head_logits", "head_columns", "decode", "DrawsTokens"]
+__all__ = ["supports_decode_loop", "decode", "DrawsTokens"]
 
 
 class DrawsTokens(Protocol):
@@ -51,23 +55,6 @@ def supports_decode_loop(model: nn.Module) -> bool:
     except (NotImplementedError, ValueError):
         return False
     return True
-
-
-def head_logits(hidden: Tensor, weight_t: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Float32 logits ``[B, V]`` of hidden states ``[B, H]`` from the head's transposed weight ``[H, V]``."""
-    logits = hidden.to(weight_t.dtype) @ weight_t
-    if bias is not None:
-        logits = logits + bias
-    return logits.float()
-
-
-def head_columns(weight: Tensor) -> Tensor:
-    """The head's weight ``[V, H]`` as ``[H, V]`` for `head_logits`: a contiguous copy on CPU, a view elsewhere.
-
-    On CPU, MKL ran ``h @ W.T`` at 32 rows in 7.5-8.7 ms and ``h @ W_t`` from a contiguous ``W_t`` in 3.9 ms
-    (hidden 256, 32k vocabulary, 2 threads): one copy per rollout saves about 0.3 s of a 64-token rollout.
-    GPUs' GEMMs take the transposed view at full speed, so no copy is made there."""
-    return weight.T.contiguous() if weight.device.type == "cpu" else weight.T
 
 
 class _HFDecoder:
@@ -107,8 +94,8 @@ def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, processo
     base = unwrap(model)
     decoder = decoder_module(base)
     weight, bias = output_head(base)
-    weight_t = head_columns(weight)
     batch, length = input_ids.shape
+    head = PackedLinear(weight, batch, bias)
     total = length + max_new_tokens
     runner = (KVDecoder(decoder, batch, total) if supports_kv_decoder(decoder, total)
               else _HFDecoder(decoder, attention_mask, max_new_tokens))
@@ -121,7 +108,7 @@ def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, processo
     position = positions[:, -1:]
     cur = length
     for step in range(max_new_tokens):
-        tokens = processor.draw(sequences[:, :cur], head_logits(hidden, weight_t, bias))
+        tokens = processor.draw(sequences[:, :cur], head(hidden).float())
         tokens = tokens.masked_fill(finished, pad_token_id)
         sequences[:, cur] = tokens
         cur += 1

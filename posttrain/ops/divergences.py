@@ -35,6 +35,8 @@ import math
 import torch
 from torch import Tensor
 
+from .packed_linear import PackedLinear
+
 __all__ = ["chunked_divergence", "naive_divergence", "DIVERGENCES"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -54,10 +56,8 @@ def _kind(kind: str, beta: float) -> str:
     return kind
 
 
-def _logits(h: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:
-    z = h.to(w.dtype) @ w.T
-    if b is not None:
-        z += b
+def _logits(h: Tensor, head: PackedLinear, temperature: float) -> Tensor:
+    z = head(h.to(head.weight.dtype))
     if temperature != 1.0:
         z /= temperature
     return z
@@ -90,13 +90,14 @@ class _ChunkedDivergence(torch.autograd.Function):
         bs_c = bs.to(cdt) if bs is not None else None
         bt_c = bt.to(cdt) if bt is not None else None
         n = hs.shape[0]
+        head_s, head_t = PackedLinear(ws_c, min(chunk_size, n), bs_c), PackedLinear(wt_c, min(chunk_size, n), bt_c)
         out = hs.new_empty(n, dtype=cdt)
         lse_s = hs.new_empty(n, dtype=cdt)
         lse_t = hs.new_empty(n, dtype=cdt)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            zs = _logits(hs[s:e], ws_c, bs_c, temperature)
-            zt = _logits(ht[s:e], wt_c, bt_c, temperature)
+            zs = _logits(hs[s:e], head_s, temperature)
+            zt = _logits(ht[s:e], head_t, temperature)
             lse_s[s:e], lse_t[s:e] = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)
             ls, lt = zs.sub_(lse_s[s:e, None]), zt.sub_(lse_t[s:e, None])
             out[s:e] = _rowwise(ls, lt, kind, beta)
@@ -118,10 +119,12 @@ class _ChunkedDivergence(torch.autograd.Function):
             if need[i]:
                 grads[i] = (torch.empty if i in (0, 3) else torch.zeros)(x.shape, dtype=cdt, device=x.device)
         need_s, need_t = any(need[0:3]), any(need[3:6])
+        rows = min(chunk_size, hs.shape[0])
+        head_s, head_t = PackedLinear(ws_c, rows, bs_c), PackedLinear(wt_c, rows, bt_c)
         for s in range(0, hs.shape[0], chunk_size):
             e = min(s + chunk_size, hs.shape[0])
-            ls = _logits(hs[s:e], ws_c, bs_c, temperature).sub_(lse_s[s:e, None])
-            lt = _logits(ht[s:e], wt_c, bt_c, temperature).sub_(lse_t[s:e, None])
+            ls = _logits(hs[s:e], head_s, temperature).sub_(lse_s[s:e, None])
+            lt = _logits(ht[s:e], head_t, temperature).sub_(lse_t[s:e, None])
             gs = gt = None
             if kind == "forward_kl":  # KL(p || q)
                 gs = (ls.exp() - lt.exp()) if need_s else None
