@@ -81,8 +81,11 @@ def sft_tiny(request, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls,config,average,kw", [
     (CPOTrainer, CPOConfig, False, dict(beta=1.0, learning_rate=3e-5)),
+    # SimPO at lr 3e-5 sat on the SFT start's 0.734 (0.727-0.734 held-out on an AMD EPYC VM, 1 or 2 threads);
+    # at 2e-4 it reached 0.781 / 0.797 there. Without the NLL term (cpo_alpha=0) the tiny model's chosen
+    # log-probs collapse (-12 -> -21) and held-out accuracy falls, as SimPO's paper warns for small models.
     (CPOTrainer, CPOConfig, True, dict(loss_type="simpo", cpo_alpha=0.5, beta=2.0, simpo_gamma=0.5,
-                                       learning_rate=3e-5)),
+                                       learning_rate=2e-4)),
     (ORPOTrainer, ORPOConfig, True, dict(beta=1.0, learning_rate=1e-4)),
 ], ids=["cpo", "simpo", "orpo"])
 def test_reference_free_methods_learn_held_out_preferences(tmp_path, sft_tiny, cls, config, average, kw):
