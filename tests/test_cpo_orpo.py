@@ -86,7 +86,8 @@ def sft_tiny(request, tmp_path_factory):
     # log-probs collapse (-12 -> -21) and held-out accuracy falls, as SimPO's paper warns for small models.
     (CPOTrainer, CPOConfig, True, dict(loss_type="simpo", cpo_alpha=0.5, beta=2.0, simpo_gamma=0.5,
                                        learning_rate=2e-4)),
-    (ORPOTrainer, ORPOConfig, True, dict(beta=1.0, learning_rate=1e-4)),
+    # ORPO at 1e-4 gained 2 pairs of 128 (0.750); at 2e-4, 0.773 / 0.766 on 1 / 2 threads (AMD EPYC VM).
+    (ORPOTrainer, ORPOConfig, True, dict(beta=1.0, learning_rate=2e-4)),
 ], ids=["cpo", "simpo", "orpo"])
 def test_reference_free_methods_learn_held_out_preferences(tmp_path, sft_tiny, cls, config, average, kw):
     """The implicit reward of these methods is the (per-token for SimPO/ORPO) log-likelihood itself, so the
