@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from .logprobs import _chunk_logits
 from .packed_linear import PackedLinear
 
 __all__ = ["chunked_divergence", "naive_divergence", "DIVERGENCES"]
@@ -54,13 +55,6 @@ def _kind(kind: str, beta: float) -> str:
         if beta == 1.0:
             return "reverse_kl"
     return kind
-
-
-def _logits(h: Tensor, head: PackedLinear, temperature: float) -> Tensor:
-    z = head(h.to(head.weight.dtype))
-    if temperature != 1.0:
-        z /= temperature
-    return z
 
 
 def _rowwise(ls: Tensor, lt: Tensor, kind: str, beta: float) -> Tensor:
@@ -96,8 +90,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         lse_t = hs.new_empty(n, dtype=cdt)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            zs = _logits(hs[s:e], head_s, temperature)
-            zt = _logits(ht[s:e], head_t, temperature)
+            zs = _chunk_logits(hs[s:e], head_s, temperature)
+            zt = _chunk_logits(ht[s:e], head_t, temperature)
             lse_s[s:e], lse_t[s:e] = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)
             ls, lt = zs.sub_(lse_s[s:e, None]), zt.sub_(lse_t[s:e, None])
             out[s:e] = _rowwise(ls, lt, kind, beta)
@@ -123,8 +117,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         head_s, head_t = PackedLinear(ws_c, rows, bs_c), PackedLinear(wt_c, rows, bt_c)
         for s in range(0, hs.shape[0], chunk_size):
             e = min(s + chunk_size, hs.shape[0])
-            ls = _logits(hs[s:e], head_s, temperature).sub_(lse_s[s:e, None])
-            lt = _logits(ht[s:e], head_t, temperature).sub_(lse_t[s:e, None])
+            ls = _chunk_logits(hs[s:e], head_s, temperature).sub_(lse_s[s:e, None])
+            lt = _chunk_logits(ht[s:e], head_t, temperature).sub_(lse_t[s:e, None])
             gs = gt = None
             if kind == "forward_kl":  # KL(p || q)
                 gs = (ls.exp() - lt.exp()) if need_s else None

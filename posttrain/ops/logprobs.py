@@ -80,7 +80,7 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 def _chunk_logits(h: Tensor, head: PackedLinear, temperature: float, out: Tensor | None = None) -> Tensor:
     """Logits of one chunk of rows in the compute dtype, divided by the temperature (into ``out`` when the head
     is not packed)."""
-    z = head(h.to(head.weight.dtype), out=out)
+    z = head(h, out=out)
     if temperature != 1.0:
         z /= temperature
     return z

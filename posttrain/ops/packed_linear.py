@@ -64,12 +64,13 @@ class PackedLinear:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), int(rows))
 
     def __call__(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
-        """``[n, H]`` -> ``[n, V]`` in the weight's dtype. The plain path writes into ``out`` when given (the
-        packed one returns a new tensor). No autograd through the packed path: call it under ``no_grad`` or
-        inside an ``autograd.Function``."""
-        if self.packed is not None and hidden.dtype == self.weight.dtype and hidden.shape[0] > 0:
+        """``[n, H]`` (any float dtype) -> ``[n, V]`` in the weight's dtype. The plain path writes into ``out``
+        when given (the packed one returns a new tensor). No autograd through the packed path: call it under
+        ``no_grad`` or inside an ``autograd.Function``."""
+        hidden = hidden.to(self.weight.dtype)
+        if self.packed is not None and hidden.shape[0] > 0:
             return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), self.packed, self.bias, "none", [], "")
-        z = torch.mm(hidden.to(self.weight.dtype), self.weight.T, out=out)
+        z = torch.mm(hidden, self.weight.T, out=out)
         if self.bias is not None:
             z += self.bias
         return z
