@@ -76,13 +76,15 @@ def test_log_softmax_on_the_packed_head_matches_full_logits(keep_logits, monkeyp
     assert len(calls) == chunks and all(calls) == ONEDNN
 
 
-def test_decode_loop_on_the_packed_head_matches_generate(monkeypatch):
-    """The HF engine's decode loop with its head on oneDNN gives generate's tokens and log-probs."""
+def test_decode_loop_on_packed_head_and_projections_matches_generate(monkeypatch):
+    """The HF engine's decode loop with its head and the decoder's projections on oneDNN gives generate's
+    tokens and log-probs."""
     from posttrain.models import build_tiny
     from posttrain.online.engine_hf import HFEngine
     from posttrain.online.engines import SamplingParams
 
     monkeypatch.setattr(packed_linear, "MIN_PACKED_ELEMENTS", 0)
+    monkeypatch.setattr(packed_linear, "MIN_PACKED_PROJECTION_ELEMENTS", 0)
     packed = []
     real_init = PackedLinear.__init__
 
@@ -100,7 +102,43 @@ def test_decode_loop_on_the_packed_head_matches_generate(monkeypatch):
         assert loop.completion_ids == ref.completion_ids
         for a, b in zip(loop.logprobs, ref.logprobs):
             assert a == pytest.approx(b, abs=1e-4)
-    assert packed and all(packed) == ONEDNN
+    # per rollout: the head, then 7 projections in each of the 2 layers
+    assert len(packed) == 2 * (1 + 2 * 7) and all(packed) == ONEDNN
+
+
+def test_decode_loop_packs_plain_projections_and_keeps_lora_layers(monkeypatch):
+    """With LoRA on q/v/down, those run through PEFT's layers while k/o/gate/up are packed; the rollout
+    equals the merged model's (every projection packed) and differs from the base model's."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from posttrain.models import build_tiny
+    from posttrain.online.engine_hf import HFEngine
+    from posttrain.online.engines import SamplingParams
+
+    monkeypatch.setattr(packed_linear, "MIN_PACKED_ELEMENTS", 0)
+    monkeypatch.setattr(packed_linear, "MIN_PACKED_PROJECTION_ELEMENTS", 0)
+    shapes = []
+    real_init = PackedLinear.__init__
+
+    def spy(self, weight, *args, **kwargs):
+        real_init(self, weight, *args, **kwargs)
+        shapes.append(tuple(weight.shape))
+
+    monkeypatch.setattr(PackedLinear, "__init__", spy)
+    model, tok = build_tiny("nano", seed=1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(model), lora)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    prompts = [[7, 8], [3, 4, 5, 6]]
+    with_adapters = HFEngine(peft_model, tok).generate(prompts, params)
+    assert len(shapes) == 1 + 2 * 4  # the head, then k, o, gate and up of each layer; not q, v or down
+    assert with_adapters.completion_ids == HFEngine(merged, tok).generate(prompts, params).completion_ids
+    assert with_adapters.completion_ids != HFEngine(model, tok).generate(prompts, params).completion_ids
+    for a, b in zip(with_adapters.logprobs, HFEngine(merged, tok).generate(prompts, params).logprobs):
+        assert a == pytest.approx(b, abs=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
