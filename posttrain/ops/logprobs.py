@@ -90,7 +90,7 @@ def _chunk_stats(z: Tensor, labels: Tensor, with_entropy: bool, with_argmax: boo
                  probs_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """``(lse, logp(label), entropy | None, argmax | None)`` per row of one chunk's logits ``z [c, V]``.
 
-    ``z`` is overwritten (shifted by its row max, then exponentiated when nothing else needs it). With
+    ``z`` is overwritten (shifted by its row max, then exponentiated, or multiplied by ``e`` for the entropy). With
     ``probs_out``, the rows' softmax probabilities are written there (what a kept-logits backward needs).
     ``H = log(S) - sum_j e_j z'_j / S`` with ``z' = z - max``, ``e = exp(z')``, ``S = sum_j e_j``.
     """
@@ -104,7 +104,8 @@ def _chunk_stats(z: Tensor, labels: Tensor, with_entropy: bool, with_argmax: boo
         e = z.exp() if with_entropy else z.exp_()
     total = e.sum(-1, keepdim=True)
     log_total = total.log()
-    entropy = log_total.squeeze(1) - (e * z).sum(-1) / total.squeeze(1) if with_entropy else None
+    # z is not needed again: multiply in place rather than allocate another [c, V] block
+    entropy = log_total.squeeze(1) - z.mul_(e).sum(-1) / total.squeeze(1) if with_entropy else None
     if probs_out is not None:
         e.div_(total)
     return (peak + log_total).squeeze(1), logp - log_total.squeeze(1), entropy, argmax
