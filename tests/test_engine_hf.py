@@ -333,14 +333,21 @@ def _tiny_arch(kind: str, tok):
                                       eos_token_id=tok.eos_token_id))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("kind,kv_decoder", [("llama-gqa", True), ("llama-lora", True), ("qwen2", True),
                                              ("qwen3", True), ("mistral-window", False), ("gpt2", False)])
-def test_decode_loop_on_each_decoder_family_matches_generate(tiny, kind, kv_decoder, monkeypatch):
+def test_decode_loop_on_each_decoder_family_matches_generate(tiny, kind, kv_decoder, packed, monkeypatch):
     """The preallocated-cache step (`KVDecoder`) reproduces generate on every family it claims (biases, GQA,
     Qwen3's q/k norms, LoRA on the projections); a sliding window shorter than the rollout, or another
-    architecture, runs the HF decoder instead, with the same result."""
+    architecture, runs the HF decoder instead, with the same result. ``packed``: every plain projection and
+    the head on oneDNN (thresholds at 0), as wide models get them."""
     from posttrain.online import decode_step
+    from posttrain.ops import packed_linear
 
+    if packed:
+        assert packed_linear.onednn_linear_available()
+        monkeypatch.setattr(packed_linear, "MIN_PACKED_ELEMENTS", 0)
+        monkeypatch.setattr(packed_linear, "MIN_PACKED_PROJECTION_ELEMENTS", 0)
     _, tok = tiny
     model = _tiny_arch(kind, tok).float().eval()
     steps = []
