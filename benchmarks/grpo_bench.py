@@ -4,7 +4,10 @@ Model: `tiny:bench` by default (hidden 256, 4 layers, head_dim 64, vocabulary 32
 Data: arithmetic-task prompts; rewards: the task's accuracy plus a cheap shaped reward. Each engine runs
 ``--warmup`` optimizer steps (not measured: vLLM start-up, first-call costs) then ``--steps`` measured
 steps of ``--batch`` completions (``--generations`` per prompt, ``--max_completion_length`` tokens; a
-random model rarely stops early, so completions are about full length).
+random model rarely stops early, so completions are about full length). On the random model most groups
+get the same reward for all their completions (advantage 0); by default (``skip_zero_advantage_backward``)
+those run without gradients, which leaves the update unchanged; ``--backward-all-rows`` measures the
+same work TRL does (a backward through every completion).
 
     python benchmarks/grpo_bench.py [--engines hf,vllm,server] [--steps 4] [--json out.json]
 
@@ -51,7 +54,8 @@ def run_engine(engine: str, args: argparse.Namespace, server_url: str | None) ->
         output_dir=tempfile.mkdtemp(prefix="grpo-bench-"), num_generations=args.generations,
         per_device_train_batch_size=args.batch, max_completion_length=args.max_completion_length,
         max_steps=args.warmup + args.steps, learning_rate=1e-5, logging_steps=1000, save_strategy="no",
-        report_to="none", disable_tqdm=True, log_completions=False, **engine_fields,
+        report_to="none", disable_tqdm=True, log_completions=False,
+        skip_zero_advantage_backward=not args.backward_all_rows, **engine_fields,
     )
     data = ArithmeticTask(digits=3).prompt_only(args.batch * (args.warmup + args.steps))
     trainer = GRPOTrainer(model, ["arithmetic", digit_share], config, train_dataset=data, processing_class=tokenizer)
@@ -68,7 +72,8 @@ def run_engine(engine: str, args: argparse.Namespace, server_url: str | None) ->
     end = {"t": time.perf_counter(), **trainer.timings, **trainer.counts}
     start = marks["start"]
     wall = end["t"] - start["t"]
-    delta = {k: end.get(k, 0.0) - start.get(k, 0.0) for k in (*PHASES, "completions", "completion_tokens", "trained_tokens")}
+    delta = {k: end.get(k, 0.0) - start.get(k, 0.0)
+             for k in (*PHASES, "completions", "completion_tokens", "trained_tokens", "completions_without_backward")}
     trainer.close()
     split = {p: round(delta[p], 2) for p in PHASES}
     split["other (optimizer, logging)"] = round(wall - sum(delta[p] for p in PHASES), 2)
@@ -78,6 +83,8 @@ def run_engine(engine: str, args: argparse.Namespace, server_url: str | None) ->
         "generated tokens/s (generate phase)": delta["completion_tokens"] / max(delta["generate"], 1e-9),
         "seconds (measured steps)": round(wall, 2),
         "time split (s)": split,
+        "share of completions with advantage 0 run without backward":
+            round(delta["completions_without_backward"] / max(delta["completions"], 1), 3),
         "peak RSS (GiB, with children)": rss.peak_bytes / 2**30,
     }
 
@@ -110,6 +117,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--max_completion_length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--backward-all-rows", action="store_true",
+                        help="skip_zero_advantage_backward=False: run every completion with gradients, as TRL does")
     parser.add_argument("--json", default=None)
     parser.add_argument("--export", default=None,
                         help="write the model, prompts and settings here for benchmarks/peers/trl_grpo.py and stop")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..ops import token_logps, unwrap
 
@@ -93,6 +94,49 @@ def completion_logps(
     if out.entropy is not None:
         entropy = out.entropy.new_zeros(mask.shape).masked_scatter(mask, out.entropy[tok_mask])
     return CompletionLogps(logps=logps, mask=mask, entropy=entropy)
+
+
+def _widen(values: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    return None if values is None else F.pad(values, (0, width - values.shape[1]))
+
+
+def partial_grad_completion_logps(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    needs_grad: torch.Tensor,
+    **kwargs,
+) -> CompletionLogps:
+    """`completion_logps` where only the completions with ``needs_grad[b]`` set are run with gradients.
+
+    The others run in a second forward under ``torch.no_grad``: same values, but no activations kept and no
+    backward through them. For a loss whose gradient vanishes on some rows (an online method's completions
+    with advantage 0 and no KL in the loss) this gives the loss, its metrics and its gradient unchanged at a
+    fraction of the cost. At least one row keeps its gradient, so the loss always reaches every parameter
+    (DDP expects a gradient from each process). Returns the usual ``[B, Lc]`` layout, in the input order.
+    """
+    flags = needs_grad.detach().to("cpu", torch.bool).flatten()
+    if flags.numel() != len(completion_ids):
+        raise ValueError(f"needs_grad has {flags.numel()} entries for {len(completion_ids)} completions")
+    if not bool(flags.any()):
+        flags = flags.clone()
+        flags[0] = True
+    if bool(flags.all()) or not torch.is_grad_enabled():
+        return completion_logps(model, prompt_ids, completion_ids, **kwargs)
+    grad_rows, rest_rows = flags.nonzero().flatten().tolist(), (~flags).nonzero().flatten().tolist()
+    pick = lambda seqs, rows: [seqs[i] for i in rows]  # noqa: E731
+    with_grad = completion_logps(model, pick(prompt_ids, grad_rows), pick(completion_ids, grad_rows), **kwargs)
+    with torch.no_grad():
+        without = completion_logps(model, pick(prompt_ids, rest_rows), pick(completion_ids, rest_rows), **kwargs)
+    mask = completion_mask([len(c) for c in completion_ids], with_grad.logps.device)
+    width = mask.shape[1]
+    order = torch.tensor(grad_rows + rest_rows, device=mask.device).argsort()
+
+    def merge(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+        return None if a is None else torch.cat([_widen(a, width), _widen(b, width)]).index_select(0, order)
+
+    return CompletionLogps(logps=merge(with_grad.logps, without.logps), mask=mask,
+                           entropy=merge(with_grad.entropy, without.entropy))
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ from ..losses.grpo import masked_mean
 from ..models import is_peft_model
 from ..online.completions_log import completions_table_rows, log_completions
 from ..online.engines import RolloutEngine, SamplingParams, encode_prompts, make_engine
-from ..online.logprobs import batched_completion_logps, completion_logps, completion_mask, pad_values
+from ..online.logprobs import (batched_completion_logps, completion_logps, completion_mask, pad_values,
+                               partial_grad_completion_logps)
 from ..online.rewards import RewardBatch, RewardComposer
 from ..online.rollout_batch import RepeatedChunkSampler, RolloutBatch
 from ._online_config import OnlineConfig
@@ -110,6 +111,12 @@ class OnlineTrainer(PostTrainer):
     def uses_reference(self) -> bool:
         """Whether the loss or the reward needs the reference policy's log-probs."""
         return self.args.beta != 0.0
+
+    @property
+    def zero_advantage_means_zero_gradient(self) -> bool:
+        """Whether the loss's gradient vanishes on a completion whose advantages are all 0 (true when the
+        loss is the advantage-weighted (clipped) ratio alone: no KL or other per-token term)."""
+        return False
 
     def compute_advantages(self, rewards: torch.Tensor, batch: RolloutBatch) -> tuple[torch.Tensor, dict, list[int] | None]:
         """Advantages ``[N]`` from total rewards ``[N]``; also metrics, and which completions to keep
@@ -312,13 +319,30 @@ class OnlineTrainer(PostTrainer):
         self.timings["train"] += time.perf_counter() - start - spent
         return loss
 
+    def _rows_needing_gradient(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """``[B]`` bool: completions whose loss gradient can be non-zero; ``None`` when all can (or when
+        skipping is off, not exact for this loss, or nothing would be skipped)."""
+        if not (self.args.skip_zero_advantage_backward and self.zero_advantage_means_zero_gradient
+                and self.model.training and torch.is_grad_enabled()):
+            return None
+        adv = batch.advantages
+        needs = (adv != 0).reshape(adv.shape[0], -1).any(dim=1)
+        return None if bool(needs.all()) else needs
+
     def compute_loss(self, model: torch.nn.Module, inputs: RolloutBatch, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         if len(inputs) == 0:  # every completion was skipped: a zero loss that still reaches the graph
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (loss, None) if return_outputs else loss
-        out = completion_logps(model, inputs.prompt_ids, inputs.completion_ids, with_entropy=True,
-                               **self._logps_kwargs())
+        needs_grad = self._rows_needing_gradient(inputs)
+        if needs_grad is None:
+            out = completion_logps(model, inputs.prompt_ids, inputs.completion_ids, with_entropy=True,
+                                   **self._logps_kwargs())
+        else:
+            # at least one completion keeps its gradient (see partial_grad_completion_logps)
+            self.counts["completions_without_backward"] += float(len(needs_grad) - max(int(needs_grad.sum()), 1))
+            out = partial_grad_completion_logps(model, inputs.prompt_ids, inputs.completion_ids, needs_grad,
+                                                with_entropy=True, **self._logps_kwargs())
         mask = inputs.completion_mask
         mode = "train" if self.model.training else "eval"
         if mode == "train":

@@ -57,6 +57,12 @@ class OnlineConfig(OnlineEngineArgs, PostTrainConfig):
         "Correct for sampler/trainer mismatch with truncated importance weights. Default: on when the engine "
         "is not the training model itself (vLLM, rollout server)."))
     importance_sampling_cap: float = field(default=2.0, metadata=_help("Truncation cap of the IS weights."))
+    skip_zero_advantage_backward: bool = field(default=True, metadata=_help(
+        "Run the completions whose advantage is exactly 0 without gradients when the loss has no other term "
+        "for them (beta=0, or RLOO's KL in the reward): their log-probs still enter the loss and its "
+        "metrics, but no activations or backward are spent on them. The loss and gradient are unchanged; a "
+        "batch with many zero-variance groups trains much faster. False runs every completion with "
+        "gradients."))
     # ---- logging
     log_completions: bool = field(default=True, metadata=_help("Print and report a table of sample completions."))
     log_completions_steps: int = field(default=50, metadata=_help("Log the completions table every N steps."))

@@ -68,6 +68,10 @@ class GRPOTrainer(OnlineTrainer):
     config_class: ClassVar = GRPOConfig
     _tag_names: ClassVar = ["posttrain", "grpo"]
 
+    @property
+    def zero_advantage_means_zero_gradient(self) -> bool:
+        return self.args.beta == 0.0  # every loss type is advantage * (clipped) ratio, plus beta * KL
+
     def compute_advantages(self, rewards: torch.Tensor,
                            batch: RolloutBatch) -> tuple[torch.Tensor, dict, list[int] | None]:
         args: GRPOConfig = self.args

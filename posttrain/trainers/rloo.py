@@ -59,6 +59,10 @@ class RLOOTrainer(OnlineTrainer):
             reward_funcs = funcs + [reward_model]
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
 
+    @property
+    def zero_advantage_means_zero_gradient(self) -> bool:
+        return self.args.beta == 0.0 or self.args.kl_in_reward  # the loss's KL term is off
+
     def compute_advantages(self, rewards: torch.Tensor,
                            batch: RolloutBatch) -> tuple[torch.Tensor, dict, list[int] | None]:
         args: RLOOConfig = self.args
