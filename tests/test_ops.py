@@ -73,6 +73,34 @@ def test_kept_logits_serve_one_backward_and_a_second_one_recomputes():
         torch.testing.assert_close(b, w, atol=1e-9, rtol=1e-9)
 
 
+def test_kept_probability_buffer_is_reused_only_once_its_backward_is_done():
+    """The kept [N, V] buffer goes back to a one-slot pool after its backward; a forward takes it from there,
+    and two graphs alive at once never share it."""
+    from posttrain.ops import logprobs
+
+    logprobs._spare_probs.clear()
+    hidden, weight, bias, labels = make()
+    ref = torch.autograd.grad(written_out(hidden, weight, labels, bias)[0].sum(), (hidden, weight, bias))
+    live = [selective_log_softmax(hidden, weight, labels, bias=bias, chunk_size=8, keep_logits=True)[0]
+            for _ in range(2)]
+    assert not logprobs._spare_probs
+    for logp in live:
+        for got, want in zip(torch.autograd.grad(logp.sum(), (hidden, weight, bias)), ref):
+            torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+    assert len(logprobs._spare_probs) == 1
+    spare = logprobs._spare_probs[0].data_ptr()
+    smaller = hidden.detach()[:20].mul(0.5).requires_grad_()  # fewer rows: a view of the spare, stale data in it
+    logp, ent = selective_log_softmax(smaller, weight, labels[:20], bias=bias, chunk_size=8, with_entropy=True,
+                                      keep_logits=True)
+    assert not logprobs._spare_probs
+    want_logp, want_ent = written_out(smaller, weight, labels[:20], bias)
+    inputs = (smaller, weight, bias)
+    for got, want in zip(torch.autograd.grad((logp + 0.3 * ent).sum(), inputs),
+                         torch.autograd.grad((want_logp + 0.3 * want_ent).sum(), inputs)):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+    assert [t.data_ptr() for t in logprobs._spare_probs] == [spare]
+
+
 @pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "kept"])
 def test_gradcheck_logp_and_entropy_separately(keep_logits):
     hidden, weight, bias, labels = make(n=9, h=4, v=11)

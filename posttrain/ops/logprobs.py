@@ -12,7 +12,8 @@ Peak extra memory is ``O(chunk_size * V)`` instead of ``O(N * V)``, at the cost 
 matmul in backward (the same trade as activation checkpointing). When the whole ``[N, V]`` block is
 small (``KEEP_LOGITS_BYTES``, 256 MiB), forward keeps the softmax probabilities and backward turns them
 into the gradient in place: one ``[N, V]`` buffer, no recompute and no second ``exp`` (the entropy's
-gradient uses ``p log p``). Larger inputs (long sequences, 150k vocabularies) recompute. The chunks' logits
+gradient uses ``p log p``). They are kept unnormalized, with ``1 / sum`` per row, which the backward folds
+into the pass it makes anyway, and on CPU the buffer is reused from one call to the next (a one-slot pool). Larger inputs (long sequences, 150k vocabularies) recompute. The chunks' logits
 come from a head packed once per call for oneDNN on CPU (`posttrain.ops.packed_linear`: on an AMD EPYC VM,
 128-row chunks of a 32k head ran in 10.8 ms against MKL's 22.7 ms, and a GRPO training step's forward and
 backward took 1.40 s against 1.59 s, medians of 4 interleaved runs).
@@ -72,6 +73,30 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor | None, bias: Tensor |
                              "drop ignored positions (e.g. -100) before calling")
 
 
+# One spare CPU buffer for kept probabilities, handed back by the backward that used it. A fresh [N, V]
+# buffer is a fresh mmap: the first write of each page faults, and on an AMD EPYC VM writing 256 MiB into
+# fresh pages took 107-114 ms against 37 ms into reused ones (16 chunks of exp). Bounded by KEEP_LOGITS_BYTES.
+# GPU memory needs no pool: the caching allocator keeps freed blocks.
+_spare_probs: list[Tensor] = []
+
+
+def _take_probs_buffer(like: Tensor, rows: int, vocab: int, dtype: torch.dtype) -> Tensor:
+    """A ``[rows, vocab]`` buffer: the spare one when it is big enough (taken out of the pool), else new."""
+    if like.device.type == "cpu" and _spare_probs:
+        spare = _spare_probs.pop()
+        if spare.dtype == dtype and spare.numel() >= rows * vocab:
+            return spare[: rows * vocab].view(rows, vocab)
+    return torch.empty((rows, vocab), dtype=dtype, device=like.device)
+
+
+def _return_probs_buffer(probs: Tensor) -> None:
+    """Keep ``probs``'s storage as the spare buffer (CPU only, when there is none)."""
+    if probs.device.type != "cpu" or _spare_probs:
+        return
+    flat = torch.empty(0, dtype=probs.dtype).set_(probs.untyped_storage())
+    _spare_probs.append(flat)
+
+
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """float32, or float64 when an input is float64 (so float64 tests stay exact)."""
     return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in tensors) else torch.float32
@@ -87,11 +112,12 @@ def _chunk_logits(h: Tensor, head: PackedLinear, temperature: float, out: Tensor
 
 
 def _chunk_stats(z: Tensor, labels: Tensor, with_entropy: bool, with_argmax: bool,
-                 probs_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """``(lse, logp(label), entropy | None, argmax | None)`` per row of one chunk's logits ``z [c, V]``.
+                 probs_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+    """``(lse, logp(label), entropy | None, argmax | None, 1 / S)`` per row of one chunk's logits ``z [c, V]``.
 
     ``z`` is overwritten (shifted by its row max, then exponentiated, or multiplied by ``e`` for the entropy). With
-    ``probs_out``, the rows' softmax probabilities are written there (what a kept-logits backward needs).
+    ``probs_out``, the rows' unnormalized probabilities ``e`` are written there (what a kept-logits backward
+    needs, with ``1 / S``: the softmax is ``e / S``; the backward folds the division into its own pass).
     ``H = log(S) - sum_j e_j z'_j / S`` with ``z' = z - max``, ``e = exp(z')``, ``S = sum_j e_j``.
     """
     argmax = z.argmax(-1) if with_argmax else None
@@ -106,9 +132,7 @@ def _chunk_stats(z: Tensor, labels: Tensor, with_entropy: bool, with_argmax: boo
     log_total = total.log()
     # z is not needed again: multiply in place rather than allocate another [c, V] block
     entropy = log_total.squeeze(1) - z.mul_(e).sum(-1) / total.squeeze(1) if with_entropy else None
-    if probs_out is not None:
-        e.div_(total)
-    return (peak + log_total).squeeze(1), logp - log_total.squeeze(1), entropy, argmax
+    return (peak + log_total).squeeze(1), logp - log_total.squeeze(1), entropy, argmax, total.reciprocal_().squeeze(1)
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -124,20 +148,23 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         lse = hidden.new_empty(n, dtype=cdt)
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=cdt)
         argmax = labels.new_empty(n if with_argmax else 0, dtype=torch.long)
-        probs = hidden.new_empty((n, weight.shape[0]), dtype=cdt) if keep_logits else None
+        probs = _take_probs_buffer(hidden, n, weight.shape[0], cdt) if keep_logits else None
+        inv_total = hidden.new_empty(n if keep_logits else 0, dtype=cdt)
         # one chunk's logits, reused (a packed head returns its own)
         block = hidden.new_empty((min(chunk_size, n), weight.shape[0]), dtype=cdt) if head.packed is None else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = _chunk_logits(hidden[s:e], head, temperature, out=block[: e - s] if block is not None else None)
-            lse[s:e], logps[s:e], entropy_c, argmax_c = _chunk_stats(
+            lse[s:e], logps[s:e], entropy_c, argmax_c, inv_total_c = _chunk_stats(
                 z, labels[s:e], with_entropy, with_argmax, probs[s:e] if probs is not None else None)
+            if probs is not None:
+                inv_total[s:e] = inv_total_c
             if with_entropy:
                 entropy[s:e] = entropy_c
             if with_argmax:
                 argmax[s:e] = argmax_c
         del block
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, inv_total)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.kept_probs = probs  # consumed (overwritten) by the first backward; a second one recomputes
         # An output the loss does not use (the entropy, logged as a metric) gets None, not a zero gradient
@@ -148,7 +175,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None, _g_argmax):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, entropy, inv_total = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         t, n, cdt = ctx.temperature, hidden.shape[0], lse.dtype
         weight_c = weight.to(cdt)
@@ -171,8 +198,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             # dH/dz_j = -p_j (z_j - sum_k p_k z_k) = -p_j (log p_j + H); ent_term = -g_ent * dH/dz
             ent_term = None
             if not per_chunk:
-                p = kept[s:e]
+                p = kept[s:e]  # unnormalized: p * inv_total is the softmax
                 if g_ent is not None:
+                    p.mul_(inv_total[s:e, None])
                     ent_term = torch.special.xlogy(p, p).add_(p * entropy[s:e, None]).mul_(g_ent[s:e, None].to(cdt))
             else:
                 z = _chunk_logits(h, head, t)
@@ -186,7 +214,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             # d logp_y / dz_j = 1[j = y] - p_j; reuse p's buffer for the gradient
             if g_logp is not None:
                 gl = g_logp[s:e, None].to(cdt)
-                gz = p.mul_(-gl)
+                gz = p.mul_(-gl if per_chunk or g_ent is not None else -gl * inv_total[s:e, None])
                 gz.scatter_add_(1, labels[s:e, None], gl)
                 if ent_term is not None:
                     gz.sub_(ent_term)
@@ -211,6 +239,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 grad_w = kept.T @ hidden.to(cdt)
             if need_b:
                 grad_b = kept.sum(0)
+            _return_probs_buffer(kept)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
