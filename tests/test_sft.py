@@ -46,6 +46,25 @@ def test_sft_loss_decreases_on_task(tmp_path, task_data):
     assert os.path.exists(tmp_path / "out" / "loss_curve.png")
 
 
+def test_spare_log_softmax_buffer_lives_only_while_training(tmp_path, task_data):
+    from transformers import TrainerCallback
+
+    from posttrain.ops import logprobs
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            seen.append(len(logprobs._spare_probs))
+
+    model, tok = build_tiny("nano", seed=0)
+    trainer = SFTTrainer(model=model, args=_config(tmp_path, max_steps=3), train_dataset=task_data[0],
+                         processing_class=tok, callbacks=[Probe()])
+    trainer.train()
+    assert seen == [1, 1, 1]  # each backward handed its probability buffer back for the next step
+    assert not logprobs._spare_probs
+
+
 def test_dft_variant_learns(tmp_path, task_data):
     train, test = task_data
     model, tok = build_tiny("nano", seed=0)

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from .packed_linear import PackedLinear
 
-__all__ = ["selective_log_softmax", "selective_log_softmax_ext", "argmax_tokens", "naive_log_softmax"]
+__all__ = ["selective_log_softmax", "selective_log_softmax_ext", "argmax_tokens", "naive_log_softmax",
+           "release_kept_buffers"]
 
 
 CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of float32 logits per chunk
@@ -95,6 +96,11 @@ def _return_probs_buffer(probs: Tensor) -> None:
         return
     flat = torch.empty(0, dtype=probs.dtype).set_(probs.untyped_storage())
     _spare_probs.append(flat)
+
+
+def release_kept_buffers() -> None:
+    """Free the spare probability buffer (the trainers call this when training ends)."""
+    _spare_probs.clear()
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:

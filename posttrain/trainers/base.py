@@ -25,7 +25,7 @@ from ..data import DatasetKind, FormatInfo, ensure_chat_template, load_any, vali
 from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
 from ..ops.attention import use_varlen_attention
 from ..ops.memory import tune_cpu_allocator
-from .callbacks import LossPlotCallback, RichProgressCallback
+from .callbacks import LossPlotCallback, ReleaseBuffersCallback, RichProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class PostTrainer(Trainer):
             self.add_callback(RichProgressCallback())
         if self.is_world_process_zero():
             self.add_callback(LossPlotCallback())
+        self.add_callback(ReleaseBuffersCallback())
 
     # ----------------------------------------------------------------------------------------- model
     def load_model(self, model: Any, args: PostTrainConfig) -> torch.nn.Module:

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-__all__ = ["RichProgressCallback", "LossPlotCallback", "plot_log_history", "format_metrics"]
+__all__ = ["RichProgressCallback", "LossPlotCallback", "ReleaseBuffersCallback", "plot_log_history", "format_metrics"]
 
 _SHOWN_KEYS = ("loss", "eval_loss", "mean_token_accuracy", "rewards/accuracies", "rewards/margins", "reward",
                "accuracy", "learning_rate", "grad_norm")
@@ -121,6 +121,15 @@ def plot_log_history(log_history: list[dict], path: str, keys: tuple[str, ...] =
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+class ReleaseBuffersCallback(TrainerCallback):
+    """Frees the buffers the ops keep from step to step (the log-softmax's spare probabilities) at the end."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        from ..ops.logprobs import release_kept_buffers
+
+        release_kept_buffers()
 
 
 class LossPlotCallback(TrainerCallback):
