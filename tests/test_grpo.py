@@ -47,14 +47,16 @@ def _data(n=64, **kw):
 
 def test_grpo_raises_mean_reward():
     model, tok = build_tiny("nano")
-    args = _config(num_generations=8, per_device_train_batch_size=16, max_completion_length=8, max_steps=20,
-                   learning_rate=3e-2, logging_steps=4)
+    # lr 3e-2 was on the edge: with seed 42 the reward rose to 0.37, then collapsed to 0.1 after a change in
+    # summation order; at 2e-2 seeds 42 and 3-5 all reach 1.0 by step 28
+    args = _config(num_generations=8, per_device_train_batch_size=16, max_completion_length=8, max_steps=32,
+                   learning_rate=2e-2, logging_steps=4)
     trainer = GRPOTrainer(model, digit_share, args, train_dataset=_data(200), processing_class=tok)
     trainer.train()
     rewards = history(trainer, "reward")
     print(f"GRPO HFEngine: reward {rewards[0]:.3f} -> {rewards[-1]:.3f}")
     assert rewards[0] < 0.05 and rewards[-1] > 0.5, rewards
-    assert trainer.counts["completions"] == 20 * 16
+    assert trainer.counts["completions"] == 32 * 16
     for key in ("entropy", "frac_reward_zero_std", "completions/clipped_ratio", "clip_ratio/region",
                 "rewards/digit_share/mean", "rewards/digit_share/std", "reward_std", "completions/max_length"):
         assert key in trainer.state.log_history[0], key
