@@ -6,17 +6,18 @@ entropy), yet the usual path materializes ``z`` for every row, plus its softmax 
 three ``[N, V]`` float32 tensors, which at ``V = 150k`` dominate memory.
 
 :func:`selective_log_softmax` walks over the rows in chunks of ``chunk_size``: forward keeps one
-``[chunk, V]`` block at a time and saves only the inputs and one float per row (the logsumexp);
-backward recomputes each chunk's logits and accumulates the gradients of ``h``, ``W`` and ``b``.
-Peak extra memory is ``O(chunk_size * V)`` instead of ``O(N * V)``, at the cost of one extra
-matmul in backward (the same trade as activation checkpointing). When the whole ``[N, V]`` block is
-small (``KEEP_LOGITS_BYTES``, 256 MiB), forward keeps the softmax probabilities and backward turns them
-into the gradient in place: one ``[N, V]`` buffer, no recompute and no second ``exp`` (the entropy's
-gradient uses ``p log p``). They are kept unnormalized, with ``1 / sum`` per row, which the backward folds
-into the pass it makes anyway, and on CPU the buffer is reused from one call to the next (a one-slot pool). Larger inputs (long sequences, 150k vocabularies) recompute. The chunks' logits
-come from a head packed once per call for oneDNN on CPU (`posttrain.ops.packed_linear`: on an AMD EPYC VM,
-128-row chunks of a 32k head ran in 10.8 ms against MKL's 22.7 ms, and a GRPO training step's forward and
-backward took 1.40 s against 1.59 s, medians of 4 interleaved runs).
+``[chunk, V]`` block at a time and saves only the inputs and one float per row (the logsumexp); backward recomputes
+each chunk's logits and accumulates the gradients of ``h``, ``W`` and ``b``. Peak extra memory is
+``O(chunk_size * V)`` instead of ``O(N * V)``, at the cost of one extra matmul in backward (the same trade
+as activation checkpointing). When the whole ``[N, V]`` block is small (``KEEP_LOGITS_BYTES``, 256 MiB),
+forward keeps the softmax probabilities and backward turns them into the gradient in place: one ``[N, V]``
+buffer, no recompute and no second ``exp`` (the entropy's gradient uses ``p log p``). They are kept
+unnormalized, with ``1 / sum`` per row, which the backward folds into the pass it makes anyway, and on CPU
+the buffer is reused from one call to the next (a one-slot pool). Larger inputs (long sequences, 150k
+vocabularies) recompute. The chunks' logits come from a head packed once per call for oneDNN on CPU
+(`posttrain.ops.packed_linear`: on an AMD EPYC VM, 128-row chunks of a 32k head ran in 10.8 ms against MKL's
+22.7 ms, and a GRPO training step's forward and backward took 1.40 s against 1.59 s, medians of 4
+interleaved runs).
 
 All arithmetic is in float32 (float64 for float64 inputs) whatever the input dtype: bf16 logits lose
 ~2 decimal digits, enough to bias importance ratios in RL. Outputs are float32 (float64 for float64
