@@ -124,10 +124,13 @@ def partial_grad_completion_logps(
     if bool(flags.all()) or not torch.is_grad_enabled():
         return completion_logps(model, prompt_ids, completion_ids, **kwargs)
     grad_rows, rest_rows = flags.nonzero().flatten().tolist(), (~flags).nonzero().flatten().tolist()
-    pick = lambda seqs, rows: [seqs[i] for i in rows]  # noqa: E731
-    with_grad = completion_logps(model, pick(prompt_ids, grad_rows), pick(completion_ids, grad_rows), **kwargs)
+
+    def run(rows: list[int]) -> CompletionLogps:
+        return completion_logps(model, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], **kwargs)
+
+    with_grad = run(grad_rows)
     with torch.no_grad():
-        without = completion_logps(model, pick(prompt_ids, rest_rows), pick(completion_ids, rest_rows), **kwargs)
+        without = run(rest_rows)
     mask = completion_mask([len(c) for c in completion_ids], with_grad.logps.device)
     width = mask.shape[1]
     order = torch.tensor(grad_rows + rest_rows, device=mask.device).argsort()
