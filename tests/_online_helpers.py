@@ -29,3 +29,18 @@ def text_length(prompts, completions, **kwargs):
 def history(trainer, key: str) -> list:
     """The logged values of ``key``, in order."""
     return [h[key] for h in trainer.state.log_history if key in h]
+
+
+def scored_with(rewards, num_generations=None):
+    """A `ScoredRollout` carrying just ``rewards`` (a tensor [N]; NaN for a completion no function scored),
+    for calling a trainer's `compute_advantages` directly."""
+    from posttrain.online.engines import Rollout
+    from posttrain.online.pipeline import ScoredRollout
+    from posttrain.online.rewards import RewardBatch
+
+    n = len(rewards)
+    per_func = rewards.float().view(-1, 1)
+    total = per_func.nan_to_num(0.0).flatten()
+    rollout = Rollout(list(range(n)), [[1]] * n, [[2]] * n, ["x"] * n, [[0.0]] * n, [False] * n)
+    return ScoredRollout([{"prompt": "p"}] * n, rollout, ["x"] * n,
+                         RewardBatch(["r"], per_func, total, int(per_func.isnan().sum()), [1.0]))

@@ -14,7 +14,7 @@ from posttrain.online.rollout_batch import RolloutBatch
 from posttrain.tasks import ArithmeticTask
 from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
 
-from _online_helpers import _one_thread, digit_share, history, text_length  # noqa: F401  (_one_thread: autouse)
+from _online_helpers import _one_thread, digit_share, history, scored_with, text_length  # noqa: F401  (_one_thread: autouse)
 
 
 class SpyEngine(HFEngine):
@@ -96,7 +96,7 @@ def test_reuse_of_one_generation_and_old_logps():
     trainer.train()
     # 4 optimizer steps, each one micro-batch; a generation serves 2 micro-batches x 2 iterations
     assert engine.calls == 1
-    assert trainer._buffer[0].old_logps is not None
+    assert trainer._loader.last_generation[0].old_logps is not None
     # the policy moved after the first steps: with a tiny epsilon some tokens get clipped
     assert max(history(trainer, "clip_ratio/region")[1:]) > 0
 
@@ -173,7 +173,7 @@ def test_every_loss_type_is_reachable_from_the_config(loss_type):
     mask = torch.ones(4, 5)
     mask[0, 3:] = 0
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    batch = RolloutBatch([[1]] * 4, [[2] * 5] * 4, mask, adv, old_logps=old, ref_logps=ref, dapo_denominator=11.0)
+    batch = RolloutBatch([[1]] * 4, [[2] * 5] * 4, mask, adv, old_logps=old, ref_logps=ref, num_items_in_batch=11.0)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     got, metrics = trainer.policy_loss(logps, batch, mask)
@@ -190,8 +190,8 @@ def test_scale_rewards_reaches_the_advantages(scale):
     trainer = GRPOTrainer(model, digit_share, _config(scale_rewards=scale), train_dataset=_data(), processing_class=tok)
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0, 1.0, 2.0, 2.0])
     batch = RolloutBatch([[1]] * 8, [[2]] * 8, torch.ones(8, 1), torch.zeros(8))
-    adv, _, keep = trainer.compute_advantages(rewards, batch)
-    assert torch.allclose(adv, group_relative_advantages(rewards, 4, scale)[0]) and keep is None
+    adv, _ = trainer.compute_advantages(scored_with(rewards), batch)
+    assert torch.allclose(adv, group_relative_advantages(rewards, 4, scale)[0])
 
 
 def test_bad_row_fails_before_training_naming_row_and_field():
@@ -207,10 +207,11 @@ def test_dapo_normalizes_by_the_optimizer_steps_tokens():
     args = _config(gradient_accumulation_steps=2, max_steps=1, loss_type="dapo")
     trainer = GRPOTrainer(model, digit_share, args, train_dataset=_data(), processing_class=tok)
     trainer.train()
-    buffer = trainer._buffer
+    buffer = trainer._loader.last_generation
     assert len(buffer) == 2
     total = sum(b.num_loss_tokens for b in buffer)
-    assert all(b.dapo_denominator == total for b in buffer)
+    # each micro-batch's loss divides by total / 2 and the Trainer halves it: the step divides by total
+    assert all(b.num_items_in_batch * 2 == total for b in buffer)
 
 
 def test_failing_reward_stops_training_with_sample():

@@ -17,5 +17,7 @@ def test_seeded_run_logs_the_reference_loss_reward_and_kl(name):
     assert len(got) == len(expected) == 10
     for step, (g, e) in enumerate(zip(got, expected)):
         for key, value in e.items():
+            if key not in reference_runs.COMPARED:
+                continue
             assert key in g, (step, key)
             assert math.isclose(g[key], value, rel_tol=2e-3, abs_tol=2e-4), (name, step, key, g[key], value)

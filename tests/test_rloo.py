@@ -11,7 +11,7 @@ from posttrain.online.rollout_batch import RolloutBatch
 from posttrain.tasks import ArithmeticTask
 from posttrain.trainers.rloo import RLOOConfig, RLOOTrainer
 
-from _online_helpers import _one_thread, digit_share, history  # noqa: F401  (_one_thread: autouse)
+from _online_helpers import _one_thread, digit_share, history, scored_with  # noqa: F401  (_one_thread: autouse)
 
 
 def _config(**kw):
@@ -50,15 +50,15 @@ def test_kl_in_reward_uses_sequence_kl_and_leave_one_out():
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
     old = torch.tensor([[-1.0, -1.0], [-2.0, -1.0], [-0.5, -0.5], [-1.0, -1.0]])
     ref = torch.tensor([[-1.5, -1.0], [-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])
-    adv, metrics, keep = trainer.compute_advantages(rewards, _batch_for(trainer, rewards, old, ref))
+    adv, metrics = trainer.compute_advantages(scored_with(rewards), _batch_for(trainer, rewards, old, ref))
     kl = [(-1 + 1.5) + 0.0, (-2 + 1) + 0.0, 0.5 + 0.5, 0.0]
     shaped = [r - 0.5 * k for r, k in zip(rewards.tolist(), kl)]
     expected = [shaped[0] - shaped[1], shaped[1] - shaped[0], shaped[2] - shaped[3], shaped[3] - shaped[2]]
     assert adv.tolist() == pytest.approx(expected)
-    assert metrics["kl"] == pytest.approx(sum(kl) / 4) and keep is None
+    assert metrics["kl"] == pytest.approx(sum(kl) / 4)
     # normalized advantages are whitened
     trainer.args.normalize_advantages = True
-    adv, _, _ = trainer.compute_advantages(rewards, _batch_for(trainer, rewards, old, ref))
+    adv, _ = trainer.compute_advantages(scored_with(rewards), _batch_for(trainer, rewards, old, ref))
     assert adv.mean().item() == pytest.approx(0.0, abs=1e-6) and adv.std().item() == pytest.approx(1.0, abs=1e-4)
 
 

@@ -168,6 +168,8 @@ class RolloutEngine(abc.ABC):
 
     #: True when the engine generates with the training model object itself (no IS correction needed).
     samples_from_policy: bool = False
+    #: The policy version (optimizer steps) of the weights the engine holds; the trainer sets it on each sync.
+    weights_version: int = 0
 
     def __init__(self, sync_every: int = 1) -> None:
         if sync_every < 1:

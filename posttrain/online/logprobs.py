@@ -105,6 +105,7 @@ def partial_grad_completion_logps(
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
     needs_grad: torch.Tensor,
+    no_grad_model: torch.nn.Module | None = None,
     **kwargs,
 ) -> CompletionLogps:
     """`completion_logps` where only the completions with ``needs_grad[b]`` set are run with gradients.
@@ -113,7 +114,10 @@ def partial_grad_completion_logps(
     backward through them. For a loss whose gradient vanishes on some rows (an online method's completions
     with advantage 0 and no KL in the loss) this gives the loss, its metrics and its gradient unchanged at a
     fraction of the cost. At least one row keeps its gradient, so the loss always reaches every parameter
-    (DDP expects a gradient from each process). Returns the usual ``[B, Lc]`` layout, in the input order.
+    (DDP expects a gradient from each process). ``no_grad_model`` runs the rows without gradients (default:
+    ``model``); under DDP pass the bare module, whose forward runs no collective, so that a process whose
+    batch splits this way stays in lockstep with one whose batch does not. Returns the usual ``[B, Lc]``
+    layout, in the input order.
     """
     flags = needs_grad.detach().to("cpu", torch.bool).flatten()
     if flags.numel() != len(completion_ids):
@@ -125,12 +129,12 @@ def partial_grad_completion_logps(
         return completion_logps(model, prompt_ids, completion_ids, **kwargs)
     grad_rows, rest_rows = flags.nonzero().flatten().tolist(), (~flags).nonzero().flatten().tolist()
 
-    def run(rows: list[int]) -> CompletionLogps:
-        return completion_logps(model, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], **kwargs)
+    def run(module: torch.nn.Module, rows: list[int]) -> CompletionLogps:
+        return completion_logps(module, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows], **kwargs)
 
-    with_grad = run(grad_rows)
+    with_grad = run(model, grad_rows)
     with torch.no_grad():
-        without = run(rest_rows)
+        without = run(no_grad_model if no_grad_model is not None else model, rest_rows)
     mask = completion_mask([len(c) for c in completion_ids], with_grad.logps.device)
     width = mask.shape[1]
     order = torch.tensor(grad_rows + rest_rows, device=mask.device).argsort()

@@ -6,9 +6,9 @@ Functions may be ``async``; a `RewardComposer` awaits all of them concurrently i
 A reward model (a sequence-classification model, its path, or a scorer object with a ``score`` method)
 is accepted wherever a function is (see `posttrain.online.reward_scoring`).
 
-Decision on samples where *every* function returned ``None``: their total is 0.0 (the NaN-aware sum
-TRL users expect), and the composer counts them (``rewards/all_none`` in the metrics) and warns once;
-``all_none="error"`` raises instead.
+Samples where *every* function returned ``None`` have a total of 0.0 but are marked invalid
+(`RewardBatch.valid`): as in TRL 1.16 they are left out of the group statistics and get advantage 0. The
+composer counts them (``rewards/all_none`` in the metrics) and warns once; ``all_none="error"`` raises instead.
 """
 
 from __future__ import annotations
@@ -144,7 +144,11 @@ def _short(value: Any, limit: int = 300) -> str:
 
 @dataclass
 class RewardBatch:
-    """Rewards of one batch: ``per_func [N, F]`` (NaN where a function returned None) and ``total [N]``."""
+    """Rewards of one batch: ``per_func [N, F]`` (NaN where a function returned None) and ``total [N]``.
+
+    ``valid [N]`` marks the completions at least one function scored; the others (every function returned
+    None) have ``total`` 0, are left out of the reward statistics and get advantage 0, as in TRL.
+    """
 
     names: list[str]
     per_func: torch.Tensor
@@ -152,16 +156,33 @@ class RewardBatch:
     all_none: int = 0
     weights: list[float] = field(default_factory=list)
 
+    @property
+    def valid(self) -> torch.Tensor:
+        return ~torch.isnan(self.per_func).all(dim=1) if self.per_func.shape[1] else torch.ones(len(self.total), dtype=torch.bool)
+
+    def select(self, index: list[int]) -> "RewardBatch":
+        idx = torch.tensor(index, dtype=torch.long)
+        per_func, total = self.per_func[idx], self.total[idx]
+        all_none = int(torch.isnan(per_func).all(dim=1).sum()) if per_func.shape[1] else 0
+        return RewardBatch(self.names, per_func, total, all_none, list(self.weights))
+
+    @classmethod
+    def concat(cls, parts: list["RewardBatch"]) -> "RewardBatch":
+        return cls(parts[0].names, torch.cat([p.per_func for p in parts]), torch.cat([p.total for p in parts]),
+                   sum(p.all_none for p in parts), list(parts[0].weights))
+
     def metrics(self) -> dict[str, float]:
-        """Mean and std (over applicable samples) of each function and of the weighted total."""
+        """Mean and std (over applicable samples) of each function and of the weighted total (TRL's
+        ``reward`` and ``reward_std``: over every scored completion of the batch)."""
         out: dict[str, float] = {}
         for j, name in enumerate(self.names):
             col = self.per_func[:, j]
             col = col[~torch.isnan(col)]
             out[f"rewards/{name}/mean"] = col.mean().item() if col.numel() else float("nan")
             out[f"rewards/{name}/std"] = col.std().item() if col.numel() > 1 else 0.0
-        out["reward"] = self.total.mean().item() if self.total.numel() else float("nan")
-        out["reward_std"] = self.total.std().item() if self.total.numel() > 1 else 0.0
+        total = self.total[self.valid]
+        out["reward"] = total.mean().item() if total.numel() else float("nan")
+        out["reward_std"] = total.std().item() if total.numel() > 1 else 0.0
         out["rewards/all_none"] = float(self.all_none)
         return out
 
@@ -254,8 +275,9 @@ class RewardComposer:
                 f"({len(rows)} such samples in this batch)"
             )
         if not self._warned_all_none:
-            logger.warning("every reward function returned None for %d sample(s), e.g. %s; their reward is 0 "
-                           "(counted in rewards/all_none)", len(rows), self._sample(rows[0], kwargs))
+            logger.warning("every reward function returned None for %d sample(s), e.g. %s; they are left out of "
+                           "the reward statistics and get advantage 0 (counted in rewards/all_none)", len(rows),
+                           self._sample(rows[0], kwargs))
             self._warned_all_none = True
 
     def _check(self, j: int, values: Any, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -26,13 +26,15 @@ class OnlineConfig(OnlineEngineArgs, PostTrainConfig):
 
     # ---- generation
     num_generations: int = field(default=8, metadata=_help("Completions sampled per prompt (the group size)."))
-    max_prompt_length: int | None = field(default=512, metadata=_help(
-        "Prompts longer than this many tokens keep their last tokens (counted in data/truncated_prompts)."))
-    max_completion_length: int = field(default=256, metadata=_help("Most tokens generated per completion."))
+    max_prompt_length: int | None = field(default=None, metadata=_help(
+        "None (the default, as TRL): prompts are never cut. A number: prompts longer than this many tokens keep "
+        "their last tokens; the trainer warns with the count before training and logs data/truncated_prompts."))
+    max_completion_length: int | None = field(default=256, metadata=_help(
+        "Most tokens generated per completion. None: up to the model's context length (minus the longest prompt)."))
     temperature: float = field(default=1.0, metadata=_help("Sampling temperature (log-probs use the same)."))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling; 1 is off."))
-    top_k: int = field(default=0, metadata=_help("Top-k sampling; 0 is off."))
-    min_p: float = field(default=0.0, metadata=_help("Min-p sampling; 0 is off."))
+    top_k: int | None = field(default=0, metadata=_help("Top-k sampling; 0 or None is off."))
+    min_p: float | None = field(default=0.0, metadata=_help("Min-p sampling; 0 or None is off."))
     repetition_penalty: float = field(default=1.0, metadata=_help("Repetition penalty; 1 is off."))
     generation_batch_size: int | None = field(default=None, metadata=_help(
         "Completions generated at once over all processes. Default: per_device_train_batch_size * "
@@ -44,6 +46,11 @@ class OnlineConfig(OnlineEngineArgs, PostTrainConfig):
         "Passes over each generation batch (PPO epochs, 'mu' in the GRPO paper); >1 uses old log-probs."))
     mask_truncated_completions: bool = field(default=False, metadata=_help(
         "Leave completions that hit max_completion_length out of the loss (DAPO)."))
+    dynamic_sampling: bool = field(default=False, metadata=_help(
+        "DAPO's dynamic sampling: drop the groups whose rewards are all equal (no learning signal) and refill the "
+        "generation with new prompts, up to max_resample_rounds rounds (metrics dynamic_sampling/*)."))
+    max_resample_rounds: int = field(default=3, metadata=_help(
+        "Most refill rounds per generation with dynamic_sampling; then it trains on the groups it has."))
     # ---- rewards
     reward_weights: list[float] | None = field(default=None, metadata=_help(
         "Weight of each reward function in the total (default: all 1)."))
@@ -74,8 +81,16 @@ class OnlineConfig(OnlineEngineArgs, PostTrainConfig):
     per_device_train_batch_size: int = field(default=8, metadata=_help("Completions per micro-batch and device."))
 
     def __post_init__(self) -> None:
+        self.top_k = 0 if self.top_k is None else self.top_k
+        self.min_p = 0.0 if self.min_p is None else self.min_p
         super().__post_init__()
         ga = self.gradient_accumulation_steps
+        if self.steps_per_generation is None and self.generation_batch_size is not None:
+            per_step = self.per_device_train_batch_size * self.world_size
+            if self.generation_batch_size % per_step:
+                raise ValueError(f"generation_batch_size={self.generation_batch_size} must be a multiple of "
+                                 f"per_device_train_batch_size * processes = {per_step}")
+            self.steps_per_generation = self.generation_batch_size // per_step
         if self.steps_per_generation is None:
             self.steps_per_generation = ga
         if self.steps_per_generation % ga:
@@ -95,7 +110,11 @@ class OnlineConfig(OnlineEngineArgs, PostTrainConfig):
                              f"{self.num_generations} (whole groups per process)")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations={self.num_iterations}: expected >= 1")
-        if self.max_completion_length < 1:
+        if self.max_resample_rounds < 0:
+            raise ValueError(f"max_resample_rounds={self.max_resample_rounds}: expected >= 0")
+        if self.top_k < 0 or not 0 <= self.min_p <= 1:
+            raise ValueError(f"top_k={self.top_k}, min_p={self.min_p}: expected top_k >= 0 and min_p in [0, 1]")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ValueError(f"max_completion_length={self.max_completion_length}: expected >= 1")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise ValueError("epsilon and epsilon_high must be >= 0")

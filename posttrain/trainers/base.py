@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
@@ -30,6 +31,15 @@ from .callbacks import LossPlotCallback, ReleaseBuffersCallback, RichProgressCal
 logger = logging.getLogger(__name__)
 
 __all__ = ["PostTrainConfig", "PostTrainer"]
+
+
+def _cpu_only_multiprocess_launch() -> bool:
+    """True under a multi-process launcher (``WORLD_SIZE > 1``) on a machine with no accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accel = getattr(torch, "accelerator", None)
+    has_accelerator = accel.is_available() if accel is not None else torch.cuda.is_available()
+    return not has_accelerator
 
 
 def _bf16_default() -> bool:
@@ -90,6 +100,11 @@ class PostTrainConfig(TrainingArguments):
             self.bf16 = _bf16_default()
         if self.output_dir is None:
             self.output_dir = f"runs/{type(self).__name__.removesuffix('Config').lower() or 'posttrain'}"
+        if not self.use_cpu and _cpu_only_multiprocess_launch():
+            # transformers only sets up DDP on a machine without an accelerator when use_cpu is set: without it,
+            # every process of `torchrun` / `accelerate launch` would train its own copy, silently
+            logger.info("several processes on a machine without an accelerator: use_cpu=True (DDP over gloo)")
+            self.use_cpu = True
         super().__post_init__()
 
 
@@ -228,12 +243,25 @@ class PostTrainer(Trainer):
             bucket[key].append(float(value))
 
     def _flush_metrics(self, mode: str) -> dict[str, float]:
-        """Average (NaN-aware) and clear the stored metrics of `mode`, plus its running totals as they stand."""
-        averaged = {}
+        """Average (NaN-aware) and clear the stored metrics of `mode`, plus its running totals as they stand.
+
+        With several processes every process calls this at the same point (the Trainer logs on all of them),
+        and the averages are over all processes' values, not process 0's alone."""
+        sums: dict[str, list[float]] = {}
         for key, values in self._metrics[mode].items():
             finite = [v for v in values if not math.isnan(v)]
-            if finite:
-                averaged[key] = sum(finite) / len(finite)
+            sums[key] = [sum(finite), float(len(finite))]
+        world = self.accelerator.num_processes if hasattr(self, "accelerator") else 1
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, sums)
+            sums = {}
+            for part in gathered:
+                for key, (total, count) in part.items():
+                    acc = sums.setdefault(key, [0.0, 0.0])
+                    acc[0] += total
+                    acc[1] += count
+        averaged = {key: total / count for key, (total, count) in sums.items() if count}
         averaged.update({k.split("/", 1)[1]: v for k, v in self._totals.items() if k.startswith(f"{mode}/")})
         self._metrics[mode].clear()
         return averaged

@@ -15,6 +15,7 @@ import torch
 
 from ..losses.advantages import group_relative_advantages
 from ..losses.grpo import LOSS_TYPES, grpo_loss
+from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
 from ._online import OnlineTrainer
 from ._online_config import OnlineConfig, RewardArgs, reward_trainer_kwargs
@@ -35,7 +36,7 @@ class GRPOConfig(OnlineConfig):
         "global batch; gspo: sequence-level (geometric-mean) importance ratio.")})
     scale_rewards: str = field(default="group", metadata={"help": (
         "Divide the group-centred rewards by the group's std ('group'), the batch's std ('batch'), or not "
-        "at all ('none', Dr. GRPO).")})
+        "at all ('none', Dr. GRPO). True and False (TRL's older booleans) mean 'group' and 'none'.")})
     delta: float | None = field(default=None, metadata={"help": (
         "Two-sided clipping: also cap the unclipped ratio at delta (> 1 + epsilon_high), so negative-advantage "
         "tokens with huge ratios cannot dominate.")})
@@ -44,6 +45,8 @@ class GRPOConfig(OnlineConfig):
         "0); counted in frac_reward_zero_std.")})
 
     def __post_init__(self) -> None:
+        if isinstance(self.scale_rewards, bool) or self.scale_rewards in ("true", "false", "True", "False"):
+            self.scale_rewards = "group" if str(self.scale_rewards).lower() == "true" else "none"
         super().__post_init__()
         if self.loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: expected one of {GRPO_LOSS_TYPES}")
@@ -66,38 +69,33 @@ class GRPOTrainer(OnlineTrainer):
     """
 
     config_class: ClassVar = GRPOConfig
+    requires_reward_funcs: ClassVar = True
     _tag_names: ClassVar = ["posttrain", "grpo"]
 
     @property
     def zero_advantage_means_zero_gradient(self) -> bool:
         return self.args.beta == 0.0  # every loss type is advantage * (clipped) ratio, plus beta * KL
 
-    def compute_advantages(self, rewards: torch.Tensor,
-                           batch: RolloutBatch) -> tuple[torch.Tensor, dict, list[int] | None]:
+    def compute_advantages(self, scored: ScoredRollout, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        """Each completion's reward relative to its group (completions without a reward: advantage 0)."""
         args: GRPOConfig = self.args
-        g = args.num_generations
-        adv, group_std = group_relative_advantages(rewards.cpu(), g, args.scale_rewards)
-        keep = None
-        if args.skip_zero_variance_groups:
-            varied = (group_std > 1e-6).repeat_interleave(g)
-            keep = varied.nonzero().flatten().tolist()
-        return adv, {}, keep
+        rewards = scored.rewards
+        adv, _ = group_relative_advantages(rewards.total, args.num_generations, args.scale_rewards, valid=rewards.valid)
+        return adv, {}
 
     def policy_loss(self, logps: torch.Tensor, batch: RolloutBatch,
                     mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The clipped surrogate of `grpo_loss`; DAPO's token normalizer comes from the loop
+        (`OnlineTrainer.get_batch_samples`)."""
         args: GRPOConfig = self.args
-        training = self.model.training
-        loss, metrics = grpo_loss(
+        return grpo_loss(
             logps, batch.advantages, mask,
-            old_logps=batch.old_logps, ref_logps=batch.ref_logps, sampler_logps=batch.sampler_logps,
-            loss_type=args.loss_type, beta=args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
-            delta=args.delta, is_cap=args.importance_sampling_cap, max_completion_length=args.max_completion_length,
-            num_items_in_batch=batch.dapo_denominator if training else None,
+            old_logps=batch.get("old_logps"), ref_logps=batch.get("ref_logps"),
+            sampler_logps=batch.get("sampler_logps"), loss_type=args.loss_type, beta=args.beta,
+            epsilon=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
+            is_cap=args.importance_sampling_cap, max_completion_length=args.max_completion_length,
+            num_items_in_batch=batch.num_items_in_batch if self.model.training else None,
         )
-        if args.loss_type == "dapo" and training and batch.dapo_denominator is not None:
-            # normalized by the whole optimizer step's tokens already: undo the Trainer's 1/GA
-            loss = loss * self.current_gradient_accumulation_steps
-        return loss, metrics
 
 
 register_method(

@@ -17,6 +17,7 @@ import torch
 from ..losses.advantages import normalize_advantages, rloo_advantages
 from ..losses.rloo import rloo_loss, sequence_kl
 from ..online.logprobs import batched_completion_logps
+from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
 from ._online import OnlineTrainer
 from ._online_config import OnlineConfig, RewardArgs, reward_trainer_kwargs
@@ -50,6 +51,7 @@ class RLOOTrainer(OnlineTrainer):
     """
 
     config_class: ClassVar = RLOOConfig
+    requires_reward_funcs: ClassVar = True
     _tag_names: ClassVar = ["posttrain", "rloo"]
 
     def __init__(self, model: Any, reward_funcs: Any = None, args: RLOOConfig | None = None, *rest: Any,
@@ -63,13 +65,14 @@ class RLOOTrainer(OnlineTrainer):
     def zero_advantage_means_zero_gradient(self) -> bool:
         return self.args.beta == 0.0 or self.args.kl_in_reward  # the loss's KL term is off
 
-    def compute_advantages(self, rewards: torch.Tensor,
-                           batch: RolloutBatch) -> tuple[torch.Tensor, dict, list[int] | None]:
+    def compute_advantages(self, scored: ScoredRollout, batch: RolloutBatch) -> tuple[torch.Tensor, dict]:
+        """Leave-one-out advantages of the rewards, minus ``beta *`` the sequence KL when it is in the reward."""
         args: RLOOConfig = self.args
         metrics: dict[str, float] = {}
+        rewards = scored.rewards.total.to(batch.completion_mask.device)
         if args.beta != 0.0 and args.kl_in_reward:
             # the sampled policy's log-probs: old ones if computed, else the current (identical) policy
-            if batch.old_logps is None:  # the policy at generation time; reused as old log-probs
+            if batch.get("old_logps") is None:  # the policy at generation time; reused as old log-probs
                 batch.old_logps = batched_completion_logps(self.model, batch.prompt_ids, batch.completion_ids,
                                                            batch_size=args.per_device_train_batch_size,
                                                            **self._logps_kwargs())
@@ -77,17 +80,17 @@ class RLOOTrainer(OnlineTrainer):
             metrics["kl"] = float(kl.mean())
             rewards = rewards - args.beta * kl
             metrics["reward_with_kl"] = float(rewards.mean())
-        adv = rloo_advantages(rewards.cpu(), args.num_generations)
+        adv = rloo_advantages(rewards.cpu(), args.num_generations, valid=scored.rewards.valid)
         if args.normalize_advantages:
             adv = normalize_advantages(adv)
-        return adv, metrics, None
+        return adv, metrics
 
     def policy_loss(self, logps: torch.Tensor, batch: RolloutBatch,
                     mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
         args: RLOOConfig = self.args
         beta = 0.0 if args.kl_in_reward else args.beta
-        return rloo_loss(logps, batch.advantages, mask, old_logps=batch.old_logps, ref_logps=batch.ref_logps,
-                         sampler_logps=batch.sampler_logps, beta=beta, epsilon=args.epsilon,
+        return rloo_loss(logps, batch.advantages, mask, old_logps=batch.get("old_logps"),
+                         ref_logps=batch.get("ref_logps"), sampler_logps=batch.get("sampler_logps"), beta=beta, epsilon=args.epsilon,
                          epsilon_high=args.epsilon_high, is_cap=args.importance_sampling_cap)
 
 
