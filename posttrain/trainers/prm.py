@@ -80,6 +80,11 @@ class PRMTrainer(RewardHeadTrainer):
         self.store_metrics(metrics)
         return (loss, {"logits": logits}) if return_outputs else loss
 
+    def eval_predictions(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> tuple[Any, Any]:
+        """`predictions [B, L, 2]`: the token classifier's logits; `label_ids [B, L]`: the step labels (1/0 at
+        each step's separator, -100 elsewhere), as a token-classification Trainer gives them."""
+        return outputs["logits"].float(), inputs["step_labels"]
+
 
 def step_accuracy(
     model: torch.nn.Module,
