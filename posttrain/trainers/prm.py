@@ -17,6 +17,7 @@ import torch
 
 from ..data import DatasetKind, FormatInfo, PaddingCollator, load_any, validate_dataset
 from ..losses.prm import aggregate_step_scores, prm_loss
+from ..models import unwrap_model
 from ..online.reward_inputs import encode_steps
 from ..online.reward_model import score_steps, score_steps_batch
 from ._reward_base import RewardHeadConfig, RewardHeadTrainer
@@ -55,6 +56,13 @@ class PRMTrainer(RewardHeadTrainer):
     num_labels: ClassVar[int] = 2
     peft_task_type: ClassVar[str] = "TOKEN_CLS"
     _tag_names: ClassVar = ["posttrain", "prm"]
+
+    def load_model(self, model: Any, args: PRMConfig) -> torch.nn.Module:
+        """The token classifier, with `step_separator` recorded in its config: saved with the model, it is
+        what `RewardModelScorer` splits steps at when the folder is used as a reward function."""
+        model = super().load_model(model, args)
+        unwrap_model(model).config.step_separator = args.step_separator
+        return model
 
     # ------------------------------------------------------------------------------------------ data
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
