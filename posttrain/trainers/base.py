@@ -2,9 +2,11 @@
 
 `PostTrainConfig` subclasses `transformers.TrainingArguments`, so every Trainer option (DeepSpeed, FSDP,
 report_to, checkpointing and resume) works unchanged. `PostTrainer` subclasses `transformers.Trainer` and adds
-what post-training needs on top: a model given by name (`tiny:<spec>`, a folder or a hub name), the
-tokenizer and its chat template, PEFT, dataset validation and tokenization through the shared data pipeline,
-and averaged per-method metrics logged through `report_to`.
+what post-training needs on top: `args` as the method's config (a plain `TrainingArguments` converted) and
+seeded before anything random is built (see `_args`), a model given by name (`tiny:<spec>`, a folder or a hub
+name), the tokenizer and its chat template, PEFT, dataset validation and tokenization through the shared data
+pipeline, averaged per-method metrics logged through `report_to`, and per-example eval predictions for
+`compute_metrics` and `predict()` where a method has them (`eval_predictions`).
 """
 
 from __future__ import annotations
