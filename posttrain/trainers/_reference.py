@@ -61,7 +61,8 @@ def shares_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def check_distinct_reference(model: Any, ref_model: Any) -> None:
     """Raise when ``ref_model`` is ``model`` itself (or shares its weights): the trainer freezes the reference,
     which would freeze the policy and fail at the first backward with "does not require grad"."""
-    if isinstance(model, torch.nn.Module) and isinstance(ref_model, torch.nn.Module) and shares_weights(model, ref_model):
+    modules = isinstance(model, torch.nn.Module) and isinstance(ref_model, torch.nn.Module)
+    if modules and shares_weights(model, ref_model):
         raise ValueError(
             "ref_model is the same model as model (or shares its weights), so freezing the reference would "
             "freeze the policy. Pass ref_model=None (the reference is then a frozen copy of the initial model, "
