@@ -24,7 +24,7 @@ from ..losses.prm import AGGREGATIONS, aggregate_step_scores, step_logits
 from .reward_builtins import completion_text
 from .reward_inputs import encode_outcome, encode_steps, pad_right, split_steps
 
-__all__ = ["RewardModelScorer", "score_outcomes", "score_steps", "score_steps_batch"]
+__all__ = ["RewardModelScorer", "saved_kind", "score_outcomes", "score_steps", "score_steps_batch"]
 
 KINDS = ("outcome", "process")
 
@@ -117,21 +117,56 @@ def score_steps(
     return score_steps_batch(model, tokenizer, [prompt], [list(steps)], separator=separator, max_length=max_length)[0]
 
 
+def _kind_of_model(model: torch.nn.Module) -> str | None:
+    """``"process"`` for a token-classification model, ``"outcome"`` for a sequence-classification one."""
+    from ..models import unwrap_model
+
+    return _kind_of_architecture(type(unwrap_model(model)).__name__)
+
+
+def _kind_of_architecture(name: str) -> str | None:
+    if name.endswith("ForTokenClassification"):
+        return "process"
+    if name.endswith("ForSequenceClassification"):
+        return "outcome"
+    return None
+
+
+def saved_kind(source: str) -> str | None:
+    """The kind of reward model a folder holds, from the architecture its saved config names (a folder
+    written by `PRMTrainer` is a token classifier: ``"process"``); None when the config names neither head
+    (a causal LM, a ``tiny:`` spec) or cannot be read."""
+    if source.startswith("tiny:"):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+    kinds = {_kind_of_architecture(a) for a in (getattr(config, "architectures", None) or [])} - {None}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 class RewardModelScorer:
     """A reward model as a batched reward function.
 
     Args:
         model_or_path: a loaded model, or a folder written by `save_pretrained` (or `tiny:<spec>`), loaded
             with a one-score sequence-classification head (``kind="outcome"``) or a 2-label
-            token-classification head (``kind="process"``).
+            token-classification head (``kind="process"``). ``path=`` is the same (the YAML spelling:
+            ``{name: posttrain.online.reward_model.RewardModelScorer, kind: process, path: ...}``).
         tokenizer: the reward model's tokenizer; default: loaded from `model_or_path` (a path), or from the
             model's ``name_or_path``.
         kind: ``"outcome"`` (one score per completion) or ``"process"`` (the completion is split into steps
-            at `step_separator`, each step scored, the step scores reduced with `aggregate`).
+            at `step_separator`, each step scored, the step scores reduced with `aggregate`). Default: what
+            the model is (a token classifier, such as a folder saved by `PRMTrainer`, is a process model;
+            anything else an outcome model). A kind that contradicts the model is an error.
         batch_size: sequences per forward pass.
         aggregate: ``"min"``, ``"product"``, ``"last"`` or ``"mean"`` (process only; see
             `posttrain.losses.aggregate_step_scores`).
-        step_separator: what separates steps (process only); the same as the PRM was trained with.
+        step_separator: what separates steps (process only). Default: the one the PRM was trained with (saved
+            in its config by `PRMTrainer`), else ``"\n"``.
         max_length: truncate inputs as the trainers do (None: no truncation).
         chat_template: a template name or Jinja string for the reward tokenizer; default: its own, else chatml.
         name: the name under which its rewards are logged; default: the model folder's name.
@@ -139,29 +174,43 @@ class RewardModelScorer:
 
     def __init__(
         self,
-        model_or_path: str | os.PathLike | torch.nn.Module,
+        model_or_path: str | os.PathLike | torch.nn.Module | None = None,
         tokenizer: Any = None,
-        kind: str = "outcome",
+        kind: str | None = None,
         batch_size: int = 16,
         aggregate: str = "min",
-        step_separator: str = "\n",
+        step_separator: str | None = None,
         max_length: int | None = None,
         chat_template: str | None = None,
         name: str | None = None,
         device: str | torch.device | None = None,
+        *,
+        path: str | os.PathLike | None = None,
     ) -> None:
-        if kind not in KINDS:
+        if (model_or_path is None) == (path is None):
+            raise ValueError("pass the reward model as model_or_path or as path (one of the two)")
+        model_or_path = path if model_or_path is None else model_or_path
+        if kind is not None and kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if aggregate not in AGGREGATIONS and aggregate != "prod":
             raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
         from ..models import load_model, load_tokenizer
 
         source = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
+        found = saved_kind(source) if source is not None else _kind_of_model(model_or_path)
+        if kind is not None and found is not None and kind != found:
+            what = "a token classifier (a process reward model)" if found == "process" else \
+                "a one-score sequence classifier (an outcome reward model)"
+            raise ValueError(f"kind={kind!r}, but {source or type(model_or_path).__name__} is {what}; "
+                             f"pass kind={found!r} or leave kind out")
+        kind = kind or found or "outcome"
         if source is not None:
             task, labels = ("seq-cls", 1) if kind == "outcome" else ("token-cls", 2)
             model = load_model(source, task=task, num_labels=labels)
         else:
             model = model_or_path
+        if step_separator is None:
+            step_separator = getattr(getattr(model, "config", None), "step_separator", None) or "\n"
         if tokenizer is None:
             origin = source or getattr(getattr(model, "config", None), "_name_or_path", None)
             if not origin:

@@ -90,7 +90,9 @@ def resolve_reward_func(spec: Any, *, processing_class: Any = None, **context: A
         if name in BUILTIN_REWARDS:
             return _call_factory(BUILTIN_REWARDS[name], {**context, **options})
         obj = _import_object(name)
-        return obj(**options) if not reward_scoring.is_reward_model(obj) else obj
+        if reward_scoring.is_reward_model(obj) and not inspect.isclass(obj):
+            return obj  # an object that scores already; a class (RewardModelScorer) is built from the options
+        return obj(**options)
     if isinstance(spec, str):
         if spec in BUILTIN_REWARDS:
             return _call_factory(BUILTIN_REWARDS[spec], context)

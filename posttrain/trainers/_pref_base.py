@@ -16,11 +16,12 @@ import datasets
 import torch
 
 from ..data import DatasetKind, FormatInfo, split_implicit_prompt, validate_dataset
-from ..models import is_peft_model, load_model
+from ..models import load_model
 from ..ops.attention import use_varlen_attention
 from ._preference import SequenceCollator, SequenceLogps, sequence_logps, tokenize_completions
 from ._reference import (
-    dataset_content_hash, frozen_copy, model_fingerprint, precompute_columns, reference_context,
+    check_distinct_reference, dataset_content_hash, model_fingerprint, precompute_columns, reference_context,
+    resolve_reference,
 )
 from .base import PostTrainConfig, PostTrainer
 
@@ -77,6 +78,8 @@ class PreferenceTrainerBase(PostTrainer):
     def __init__(self, model: Any, ref_model: Any = None, args: PostTrainConfig | None = None,
                  data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
                  processing_class: Any = None, peft_config: Any = None, **kwargs: Any) -> None:
+        if self.uses_reference:
+            check_distinct_reference(model, ref_model)  # before any data is tokenized
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
@@ -118,13 +121,9 @@ class PreferenceTrainerBase(PostTrainer):
     def _setup_reference(self, ref_model: Any) -> None:
         args = self.args
         precompute = bool(getattr(args, "precompute_ref_log_probs", False))
-        if isinstance(ref_model, str):
-            ref_model = load_model(ref_model, **dict(args.model_init_kwargs or {}))
-        if ref_model is not None and is_peft_model(self.model):
-            logger.warning("a PEFT model is its own reference (adapters disabled); the given ref_model is unused")
-            ref_model = None
-        if ref_model is None and not is_peft_model(self.model) and not precompute:
-            ref_model = frozen_copy(self.model)  # the initial policy, frozen
+        ref_model = resolve_reference(  # a given ref_model is used, PEFT or not (TRL does the same)
+            self.model, ref_model, load=lambda name: load_model(name, **dict(args.model_init_kwargs or {})),
+            copy_policy=not precompute)
         if ref_model is not None:
             if args.padding_free:
                 use_varlen_attention(ref_model)  # as the base class did for the policy

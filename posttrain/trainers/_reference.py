@@ -1,12 +1,17 @@
-"""The reference policy of the preference trainers, with as few model copies as possible.
+"""The reference policy of the preference and online trainers, with as few model copies as possible.
 
 Where reference log-probs come from, in order of preference:
 
 1. precomputed columns (``precompute_ref_log_probs``): one reference forward per example before training,
    with a progress bar, cached on disk under a key made of the tokenized data and the reference weights, so
    re-runs and later epochs reuse it; the reference model (if any) is then dropped;
-2. the policy itself with its PEFT adapters disabled (no second model);
-3. a separate frozen ``ref_model`` (given, or a copy of the initial policy).
+2. a ``ref_model`` the caller gave (a model, or a name or path to load), frozen, whether or not the policy
+   has PEFT adapters: it may be another checkpoint than the adapters' base (as in TRL);
+3. without one, the policy itself with its PEFT adapters disabled (no second model);
+4. without one or adapters, a frozen copy of the initial policy.
+
+The reference must not be the policy's own weights: `resolve_reference` refuses a ``ref_model`` that is, or
+shares parameters with, ``model`` (freezing it would freeze the policy) and names the fix.
 
 TR-DPO (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment", arXiv:2404.09656)
 moves the reference toward the policy every ``ref_model_sync_steps``: ``ref <- alpha * policy + (1 - alpha) * ref``
@@ -31,8 +36,9 @@ from ..ops import unwrap
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["frozen_copy", "reference_context", "precompute_columns", "dataset_content_hash", "model_fingerprint",
-           "SyncRefModelCallback", "default_cache_dir"]
+__all__ = ["check_distinct_reference", "frozen_copy", "reference_context", "resolve_reference", "shares_weights",
+           "precompute_columns", "dataset_content_hash", "model_fingerprint", "SyncRefModelCallback",
+           "default_cache_dir"]
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -41,6 +47,57 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     ref.eval()
     ref.requires_grad_(False)
     return ref
+
+
+def shares_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two modules are the same object or hold a parameter tensor in common (also through PEFT or
+    DDP wrappers, which keep the wrapped model's parameters)."""
+    if a is b or unwrap(a) is unwrap(b):
+        return True
+    storage = {p.data_ptr() for p in a.parameters() if p.data_ptr() != 0}
+    return any(p.data_ptr() in storage for p in b.parameters())
+
+
+def check_distinct_reference(model: Any, ref_model: Any) -> None:
+    """Raise when ``ref_model`` is ``model`` itself (or shares its weights): the trainer freezes the reference,
+    which would freeze the policy and fail at the first backward with "does not require grad"."""
+    modules = isinstance(model, torch.nn.Module) and isinstance(ref_model, torch.nn.Module)
+    if modules and shares_weights(model, ref_model):
+        raise ValueError(
+            "ref_model is the same model as model (or shares its weights), so freezing the reference would "
+            "freeze the policy. Pass ref_model=None (the reference is then a frozen copy of the initial model, "
+            "or under PEFT the base with adapters disabled), or a separate copy: ref_model=copy.deepcopy(model)."
+        )
+
+
+def resolve_reference(
+    policy: torch.nn.Module,
+    ref_model: Any,
+    *,
+    load: Callable[[str], torch.nn.Module] | None = None,
+    copy_policy: bool = True,
+) -> torch.nn.Module | None:
+    """The reference module a trainer keeps (frozen, eval mode), or None when the policy's PEFT base serves.
+
+    A given ``ref_model`` is used whatever the policy is (a name or path is loaded with ``load``); without one,
+    a PEFT policy needs none (its adapters are disabled for the reference forward) and any other policy gets
+    a frozen copy of itself when ``copy_policy`` (else None: the caller precomputes from the policy before
+    it trains). A ``ref_model`` sharing the policy's weights is refused (`check_distinct_reference`).
+    """
+    if isinstance(ref_model, (str, os.PathLike)):
+        if load is None:
+            raise ValueError(f"ref_model={ref_model!r} is a name or path, but nothing here can load it")
+        ref_model = load(os.fspath(ref_model))
+    if ref_model is None:
+        if is_peft_model(unwrap_peft(policy)) or not copy_policy:
+            return None
+        return frozen_copy(policy)
+    if not isinstance(ref_model, torch.nn.Module):
+        raise TypeError(f"ref_model must be a model, a name or a path, got {type(ref_model).__name__}")
+    check_distinct_reference(policy, ref_model)
+    ref_model.eval()
+    ref_model.requires_grad_(False)
+    return ref_model
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..models import load_model, load_tokenizer, unwrap_model
+from ..models import load_model, unwrap_model
 from ._reward_heads import as_classifier, prepare_head
 from .base import PostTrainConfig, PostTrainer
 
@@ -66,11 +66,6 @@ class RewardHeadTrainer(PostTrainer):
         peft_config: Any = None,
         **kwargs: Any,
     ) -> None:
-        args = args if args is not None else self.config_class()
-        if processing_class is None and isinstance(model, str):
-            processing_class = load_tokenizer(model)
-        model = self.load_model(model, args)
-        peft_config = prepare_head(model, args, peft_config, self.peft_task_type)
         super().__init__(
             model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, peft_config=peft_config, **kwargs,
@@ -78,6 +73,10 @@ class RewardHeadTrainer(PostTrainer):
         # A decoder head finds each row's last token through pad_token_id (rows are right-padded with it).
         unwrap_model(self.model).config.pad_token_id = self.tokenizer.pad_token_id
         self.model_accepts_loss_kwargs = False
+
+    def prepare_peft_config(self, model: torch.nn.Module, args: PostTrainConfig, peft_config: Any) -> Any:
+        """The head's seeded init and dropout off, before PEFT; the PEFT config also trains and saves the head."""
+        return prepare_head(model, args, peft_config, self.peft_task_type)
 
     def load_model(self, model: Any, args: PostTrainConfig) -> torch.nn.Module:
         """A name or path loads with the head; a model object is checked or given one (see `as_classifier`)."""

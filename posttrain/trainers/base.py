@@ -2,9 +2,11 @@
 
 `PostTrainConfig` subclasses `transformers.TrainingArguments`, so every Trainer option (DeepSpeed, FSDP,
 report_to, checkpointing and resume) works unchanged. `PostTrainer` subclasses `transformers.Trainer` and adds
-what post-training needs on top: a model given by name (`tiny:<spec>`, a folder or a hub name), the
-tokenizer and its chat template, PEFT, dataset validation and tokenization through the shared data pipeline,
-and averaged per-method metrics logged through `report_to`.
+what post-training needs on top: `args` as the method's config (a plain `TrainingArguments` converted) and
+seeded before anything random is built (see `_args`), a model given by name (`tiny:<spec>`, a folder or a hub
+name), the tokenizer and its chat template, PEFT, dataset validation and tokenization through the shared data
+pipeline, averaged per-method metrics logged through `report_to`, and per-example eval predictions for
+`compute_metrics` and `predict()` where a method has them (`eval_predictions`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..data import DatasetKind, FormatInfo, ensure_chat_template, load_any, vali
 from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
 from ..ops.attention import use_varlen_attention
 from ..ops.memory import tune_cpu_allocator
+from ._args import as_method_config, seed_run
 from .callbacks import LossPlotCallback, ReleaseBuffersCallback, RichProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -125,7 +128,7 @@ class PostTrainer(Trainer):
     def __init__(
         self,
         model: str | PreTrainedModel | torch.nn.Module,
-        args: PostTrainConfig | None = None,
+        args: PostTrainConfig | TrainingArguments | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
@@ -135,8 +138,9 @@ class PostTrainer(Trainer):
         optimizers: tuple = (None, None),
         **kwargs: Any,
     ) -> None:
-        if args is None:
-            args = self.config_class()
+        args = self.resolve_args(args)
+        self._check_eval_metrics_supported(kwargs)
+        seed_run(args)  # before the model, its adapters or its heads are built (TRL order)
         if not torch.cuda.is_available():
             tune_cpu_allocator()  # large tensors back to the OS on free: no RSS creep on CPU
         self.model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -151,6 +155,7 @@ class PostTrainer(Trainer):
         if args.padding_free or getattr(args, "packing", False):
             # Padding-free rows on SDPA/eager: per-sequence attention instead of a dense [T, T] block mask.
             use_varlen_attention(model)
+        peft_config = self.prepare_peft_config(model, args, peft_config)
         if peft_config is not None:
             model = apply_peft(model, peft_config)
         if args.gradient_checkpointing and is_peft_model(model):
@@ -186,6 +191,13 @@ class PostTrainer(Trainer):
             self.add_callback(LossPlotCallback())
         self.add_callback(ReleaseBuffersCallback())
 
+    # ------------------------------------------------------------------------------------------ args
+    @classmethod
+    def resolve_args(cls, args: Any) -> PostTrainConfig:
+        """`args` as this method's config: None gives the defaults; a plain `TrainingArguments` (or another
+        method's config) is converted, the fields it set carried over and the rest at this method's defaults."""
+        return as_method_config(args, cls.config_class)
+
     # ----------------------------------------------------------------------------------------- model
     def load_model(self, model: Any, args: PostTrainConfig) -> torch.nn.Module:
         """Resolve `model` (a loaded model, `tiny:<spec>`, a folder or a hub name) into a model object."""
@@ -195,6 +207,11 @@ class PostTrainer(Trainer):
             return model
         kwargs = dict(args.model_init_kwargs or {})
         return load_model(model, task=self.model_task, **kwargs)
+
+    def prepare_peft_config(self, model: torch.nn.Module, args: PostTrainConfig, peft_config: Any) -> Any:
+        """Hook run on the loaded model just before PEFT wraps it; returns the PEFT config to apply (None: no
+        PEFT). The reward trainers initialize their head here and add it to the modules PEFT trains and saves."""
+        return peft_config
 
     # ------------------------------------------------------------------------------------------ data
     def prepare_dataset(self, dataset: Any, name: str) -> datasets.Dataset:
@@ -281,12 +298,38 @@ class PostTrainer(Trainer):
         return output
 
     # ------------------------------------------------------------------------------------ evaluation
+    def eval_predictions(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> tuple[Any, Any]:
+        """`(predictions, label_ids)` of one evaluation batch, the batch's rows on the first axis: what
+        `compute_metrics` receives (as an `EvalPrediction`) and `predict()` returns. `outputs` is what
+        `compute_loss(..., return_outputs=True)` returned. Trainers that have per-example predictions
+        override this; the others have none, and refuse `compute_metrics` rather than never calling it."""
+        return None, None
+
+    @classmethod
+    def _has_eval_predictions(cls) -> bool:
+        return cls.eval_predictions is not PostTrainer.eval_predictions
+
+    def _check_eval_metrics_supported(self, kwargs: dict[str, Any]) -> None:
+        if self._has_eval_predictions():
+            return
+        for name in ("compute_metrics", "preprocess_logits_for_metrics"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"{type(self).__name__} does not take {name}: it has no per-example eval predictions to "
+                    f"give it, so it would never be called. Its evaluation metrics (the loss and the method's "
+                    f"own metrics) are logged as eval_* by evaluate(); SFTTrainer, RewardTrainer and PRMTrainer "
+                    f"call compute_metrics.")
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation computes the method's own loss (and its metrics); posttrain inputs carry no `labels`."""
+        """The method's own loss (and its metrics; posttrain inputs carry no `labels`), plus the predictions of
+        `eval_predictions` when they are asked for (`compute_metrics`, or `predict()`)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only or not self._has_eval_predictions():
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            predictions, labels = self.eval_predictions(model, inputs, outputs)
+        return loss.detach(), predictions, labels
 
     # ---------------------------------------------------------------------------------------- saving
     def save_merged_model(self, output_dir: str | None = None) -> str:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..losses.bco import RunningMean
+from ..models import is_peft_model
 from ..losses.dpo import DPO_LOSS_TYPES, chosen_nll, dpo_loss, ld_pair_logps
 from ._pref_base import PreferenceTrainerBase, ReferenceConfig
 from ._preference import SequenceLogps
@@ -74,13 +75,17 @@ class DPOTrainer(PreferenceTrainerBase):
     _tag_names: ClassVar = ["posttrain", "dpo"]
 
     def __init__(self, model: Any, ref_model: Any = None, args: DPOConfig | None = None, **kwargs: Any) -> None:
-        args = args if args is not None else DPOConfig()
+        args = self.resolve_args(args)
         super().__init__(model, ref_model, args=args, **kwargs)
         self.bco_running = RunningMean()
         if args.sync_ref_model:
             if self.ref_model is None:
                 raise ValueError("sync_ref_model needs a separate reference model; with a PEFT model the "
                                  "reference is the frozen base and cannot be synced")
+            if is_peft_model(self.model):  # the soft update matches parameters by name
+                raise ValueError("sync_ref_model with a PEFT policy and a ref_model is not supported: the "
+                                 "policy's weights are a base plus adapters, named unlike the reference's, so "
+                                 "nothing would be mixed in. Train without PEFT, or drop sync_ref_model")
             self.add_callback(SyncRefModelCallback(self.ref_model, args.ref_model_mixup_alpha,
                                                    args.ref_model_sync_steps))
 

@@ -17,6 +17,7 @@ import torch
 
 from ..data import DatasetKind, FormatInfo, PaddingCollator, load_any, validate_dataset
 from ..losses.prm import aggregate_step_scores, prm_loss
+from ..models import unwrap_model
 from ..online.reward_inputs import encode_steps
 from ..online.reward_model import score_steps, score_steps_batch
 from ._reward_base import RewardHeadConfig, RewardHeadTrainer
@@ -56,6 +57,13 @@ class PRMTrainer(RewardHeadTrainer):
     peft_task_type: ClassVar[str] = "TOKEN_CLS"
     _tag_names: ClassVar = ["posttrain", "prm"]
 
+    def load_model(self, model: Any, args: PRMConfig) -> torch.nn.Module:
+        """The token classifier, with `step_separator` recorded in its config: saved with the model, it is
+        what `RewardModelScorer` splits steps at when the folder is used as a reward function."""
+        model = super().load_model(model, args)
+        unwrap_model(model).config.step_separator = args.step_separator
+        return model
+
     # ------------------------------------------------------------------------------------------ data
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         """One stepwise row -> `input_ids` and per-token `step_labels` (1/0 at separators, -100 elsewhere)."""
@@ -79,6 +87,11 @@ class PRMTrainer(RewardHeadTrainer):
         loss, metrics = prm_loss(logits.float(), inputs["step_labels"], self.args.train_on_last_step_only)
         self.store_metrics(metrics)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def eval_predictions(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> tuple[Any, Any]:
+        """`predictions [B, L, 2]`: the token classifier's logits; `label_ids [B, L]`: the step labels (1/0 at
+        each step's separator, -100 elsewhere), as a token-classification Trainer gives them."""
+        return outputs["logits"].float(), inputs["step_labels"]
 
 
 def step_accuracy(

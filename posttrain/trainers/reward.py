@@ -117,6 +117,12 @@ class RewardTrainer(RewardHeadTrainer):
             return loss, {"rewards_chosen": chosen, "rewards_rejected": rejected}
         return loss
 
+    def eval_predictions(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> tuple[Any, Any]:
+        """`predictions [B, 2]`: each pair's chosen and rejected scores; `label_ids [B]`: 0, the column of the
+        preferred completion (so `(predictions.argmax(1) == label_ids).mean()` is the pairwise accuracy)."""
+        scores = torch.stack([outputs["rewards_chosen"], outputs["rewards_rejected"]], dim=1)
+        return scores, torch.zeros(len(scores), dtype=torch.long, device=scores.device)
+
 
 def pairwise_accuracy(
     model: torch.nn.Module,

@@ -59,7 +59,9 @@ class RLOOTrainer(OnlineTrainer):
         if reward_model is not None:
             funcs = [] if reward_funcs is None else (list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
             reward_funcs = funcs + [reward_model]
-        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        # resolved here because OnlineTrainer reads the args it was given, not self.args (a plain
+        # TrainingArguments must already be an RLOOConfig there)
+        super().__init__(model, reward_funcs, self.resolve_args(args), *rest, **kwargs)
 
     @property
     def zero_advantage_means_zero_gradient(self) -> bool:

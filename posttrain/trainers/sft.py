@@ -135,6 +135,30 @@ class SFTTrainer(PostTrainer):
         self.store_metrics(metrics)
         return (loss, out) if return_outputs else loss
 
+    def eval_predictions(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> tuple[Any, Any]:
+        """What TRL's SFTTrainer gives `compute_metrics`: `predictions [B, L, vocab]`, the logits of every
+        position (one extra forward, only when `compute_metrics` or `predict()` asks for them; the loss never
+        holds them), and `label_ids [B, L]`, the input ids where the loss is taken and -100 elsewhere
+        (unshifted: the logits at position t predict the label at t + 1). Padding-free batches are split back
+        into one row per sequence, padded with -100."""
+        ids = inputs["input_ids"]
+        labels = ids.masked_fill(~inputs["completion_mask"].bool(), -100)
+        if "seq_lens" not in inputs:
+            logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), use_cache=False).logits
+            return logits, labels
+        if self.args.packing:
+            raise ValueError("compute_metrics and predict() need one row per example, but packing=True packs "
+                             "several examples per row; evaluate without packing (packing=False)")
+        logits = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False).logits[0]
+        lengths = [int(n) for n in inputs["seq_lens"]]
+        return _rows(logits, lengths), _rows(labels[0], lengths)
+
+
+def _rows(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """A padding-free row's per-token values `[T, ...]` as one row per sequence `[S, max(lengths), ...]`, -100 after
+    each sequence's end."""
+    return torch.nn.utils.rnn.pad_sequence(list(flat.split(lengths)), batch_first=True, padding_value=-100)
+
 
 register_method(
     "sft", SFTConfig, SFTTrainer,
