@@ -271,23 +271,25 @@ class _Handler(BaseHTTPRequestHandler):
                                 self._started + self.server.limits.request_timeout + size / _UPLOAD_RATE)
 
     def _read_into(self, body: bytearray, size: int, where: str, announced: str) -> None:
-        """Append exactly ``size`` bytes to ``body``, reserving them from the shared budget as they come."""
+        """Append exactly ``size`` bytes to ``body`` as they arrive, each piece reserved from the shared budget."""
         end = len(body) + size
         while len(body) < end:
             want = min(_PIECE, end - len(body))
             if not self.server.budget.take(want):
                 raise RequestError(f"{where}: the server is receiving too many bodies at once (its "
                                    "--max-buffered-mb); retry shortly", 503)
-            self._reserved += want
             try:
-                piece = self.rfile.read(want)
+                piece = self.rfile.read1(want)
             except TimeoutError:
+                self.server.budget.give(want)
                 raise RequestError(f"{where}: the body did not arrive in time: {len(body)} bytes in "
                                    f"{time.monotonic() - self._started:.1f} s of {announced} (the server's "
                                    "--request-timeout)", 408) from None
-            body += piece
-            if len(piece) < want:
+            self.server.budget.give(want - len(piece))
+            self._reserved += len(piece)
+            if not piece:
                 raise RequestError(f"{where}: the body ended after {len(body)} bytes, short of {announced}")
+            body += piece
 
     def _chunked(self, endpoint: Endpoint, where: str) -> bytearray:
         body = bytearray()
