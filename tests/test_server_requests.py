@@ -122,6 +122,11 @@ def test_token_limits_bound_prompts_and_totals(nano):
     with pytest.raises(RequestError, match=r"5 prompts x n=4 x \(prompt tokens \+ max_new_tokens=10\) is 1120 tokens, "
                                            r"more than the server's --max-total-tokens 1000"):
         _parse(app, {"prompts": [[1] * 50] * 4 + [[1] * 30], "params": {"n": 4, "max_new_tokens": 10}})
+    # A missing max_new_tokens takes SamplingParams' default (64), which is bounded too.
+    small = RolloutServer(HFEngine(model, tok), backend="hf", model="tiny:nano", limits=ServerLimits(max_new_tokens=16))
+    with pytest.raises(RequestError, match=r"params\.max_new_tokens is missing and its default 64 is over the server's "
+                                           r"bound of 16: send max_new_tokens"):
+        _parse(small, {"prompts": [[1]]})
     # Text is bounded after tokenization.
     with pytest.raises(RequestError, match=r"prompts\[0\] \(tokenized\): \d+ token ids, more than the 54 allowed"):
         _parse(app, {"prompts": ["the cat sat on the mat " * 20], "params": {"max_new_tokens": 10}})
@@ -156,7 +161,7 @@ def test_json_bodies_are_strict(body, message):
 
 def test_sampling_params_from_json_match_the_dataclass():
     params = parse_sampling({"n": 3, "temperature": 1, "top_p": 0.5, "min_p": 0.1, "repetition_penalty": 1.2,
-                             "stop_on_eos": False, "seed": None}, vocab_size=10, max_n=8, max_new_tokens=50)
+                             "stop_on_eos": False, "seed": None}, vocab_size=10, max_n=8, max_new_tokens=100)
     assert params == SamplingParams(n=3, temperature=1.0, top_p=0.5, min_p=0.1, repetition_penalty=1.2,
                                     stop_on_eos=False)
     assert isinstance(params.temperature, float)
@@ -229,3 +234,26 @@ def test_whole_layer_backends_refuse_a_split_layer(app):
     layer = [(n, p.detach().clone()) for n, p in app.engine.model.named_parameters() if n.startswith("model.layers.0.")]
     assert app.update_weights(_blob(*layer)) == {"loaded": len(layer)}
     assert app.update_weights(_blob(("model.norm.weight", torch.ones(64)))) == {"loaded": 1}  # not a decoder layer
+
+
+def test_vllm_backend_facts_come_from_its_checkpoint_and_engine(nano, tmp_path):
+    """The vLLM engine holds no HF model: names and shapes come from its folder's config (built on the meta
+    device), the context from vLLM's max_model_len, and layers must come whole (no vLLM needed here)."""
+    from types import SimpleNamespace
+
+    model, tok = nano
+    model.save_pretrained(tmp_path)
+    vllm = SimpleNamespace(llm_engine=SimpleNamespace(model_config=SimpleNamespace(max_model_len=512)))
+    engine = SimpleNamespace(tokenizer=tok, model_path=str(tmp_path), llm=vllm)
+    facts = ModelFacts.from_engine(engine, "vllm")
+    assert (facts.vocab_size, facts.context_length, facts.whole_layers) == (VOCAB, 512, True)
+    assert facts.weight_specs == ModelFacts.from_model(model).weight_specs
+
+
+def test_serve_flags_out_of_range_exit_with_the_reason():
+    from posttrain.online.server import serve_main
+
+    with pytest.raises(SystemExit, match=r"ServerLimits\.max_n=0: expected an integer >= 1"):
+        serve_main(["--model", "tiny:nano", "--backend", "hf", "--port", "0", "--max-n", "0"])
+    with pytest.raises(SystemExit, match=r"max_model_len=4096 is beyond the model's context of 2048 tokens"):
+        serve_main(["--model", "tiny:nano", "--backend", "hf", "--port", "0", "--max-model-len", "4096"])

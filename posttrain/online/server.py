@@ -174,7 +174,7 @@ endpoints: GET /health, GET /info, POST /generate, POST /update_weights, POST /r
 
 Every request is validated before the engine sees it: the JSON shape and the type of every field, prompt
 token ids in [0, vocab size), n, max_new_tokens, the number of prompts and the request's total tokens
-(prompts x n x (prompt + max_new_tokens)) within the limits below and the model's context, sampling
+(prompts x n x (prompt + max_new_tokens)) within the request limits above and the model's context, sampling
 parameters in range (temperature >= 0, top_p in (0, 1], top_k >= 0 with 0/-1/null off, min_p in [0, 1],
 repetition_penalty > 0, seed null or an integer in [0, 2**63)), and weight updates against the model's
 parameter names, shapes and dtypes (and finite values) before any of it is applied.
@@ -208,7 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     limits = p.add_argument_group("request limits (a request beyond one is answered 4xx with the reason)")
     d = ServerLimits()
     limits.add_argument("--max-model-len", type=int, default=None,
-                        help="prompt + completion tokens per sequence (default: the model's context; not beyond it)")
+                        help="prompt + completion tokens per sequence (default: the model's context; not beyond "
+                             "it); vllm: also vLLM's max_model_len")
     limits.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                         help="largest params.max_new_tokens (default: the context allows)")
     limits.add_argument("--max-n", type=int, default=d.max_n, help=f"largest params.n (default {d.max_n})")

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import re
+import select
 import socket
 import threading
 import time
@@ -148,8 +149,15 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.budget.give(self._reserved)
             self._reserved = 0
-            if self._unread and self._replied:
+            if self._replied and (self._unread or self._pending()):
                 self._linger()
+
+    def _pending(self) -> bool:
+        """Whether the client sent more than we read (e.g. past its Content-Length): closing now would reset."""
+        try:
+            return bool(select.select([self.connection], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def _linger(self) -> None:
         """Half-close, then drain what the client still sends for a moment: closing with unread data would
@@ -235,7 +243,7 @@ class _Handler(BaseHTTPRequestHandler):
                                f"{_MEDIA[endpoint.body]}", 415)
         body = self._body(endpoint, where)
         if endpoint.body == "binary":
-            return body
+            return bytes(body)  # what safetensors reads; the bytearray is freed on return (memory: one copy)
         with self.server.parse_slots:
             return parse_json(body, where)
 

@@ -264,7 +264,11 @@ def parse_sampling(params: Any, *, vocab_size: int | None, max_n: int, max_new_t
         elif name == "stop_token_ids":
             out[name] = None if value is None else _token_ids(value, field, vocab_size, MAX_STOP_TOKEN_IDS,
                                                               allow_empty=True)
-    return SamplingParams(**out)
+    sampling = SamplingParams(**out)
+    if "max_new_tokens" not in out and sampling.max_new_tokens > max_new_tokens:  # the dataclass default
+        raise RequestError(f"params.max_new_tokens is missing and its default {sampling.max_new_tokens} is over "
+                           f"the server's bound of {max_new_tokens:g}: send max_new_tokens")
+    return sampling
 
 
 def _token_ids(value: Any, field: str, vocab_size: int | None, max_len: float, *, allow_empty: bool = False,
@@ -299,7 +303,8 @@ def _prompt_ids(prompt: Any, i: int, tokenizer: Any, vocab_size: int | None, max
         if not prompt:
             raise RequestError(f"{field} is an empty string")
     else:
-        raise RequestError(f"{field}: expected a list of token ids, a string or a list of messages, got {_kind(prompt)}")
+        raise RequestError(f"{field}: expected a list of token ids, a string or a list of messages, "
+                           f"got {_kind(prompt)}")
     if tokenizer is None:
         raise RequestError(f"{field}: this server has no tokenizer; send token ids")
     try:
@@ -325,7 +330,8 @@ def parse_generate(request: Any, *, limits: ServerLimits, facts: ModelFacts,
         raise RequestError(f"prompts: expected a non-empty list of prompts, got "
                            f"{'an empty list' if prompts == [] else _kind(prompts)}")
     if len(prompts) > limits.max_prompts:
-        raise RequestError(f"prompts: {len(prompts)} prompts, more than the server's --max-prompts {limits.max_prompts}")
+        raise RequestError(f"prompts: {len(prompts)} prompts, more than the server's --max-prompts "
+                           f"{limits.max_prompts}")
     context = min(_fits(limits.max_model_len), _fits(facts.context_length))
     max_new = min(_fits(limits.max_new_tokens), context - 1)
     params = parse_sampling(request.get("params"), vocab_size=facts.vocab_size, max_n=limits.max_n,
