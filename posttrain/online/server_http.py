@@ -3,8 +3,8 @@
 - One thread per connection (at most ``max_connections``; more are answered 503 at once), HTTP/1.0, one
   request per connection. Generation itself is serialized by the app's lock, so ``/health`` and ``/info``
   answer while a long generation runs.
-- Deadlines: the request line, headers and a JSON body must arrive within ``request_timeout`` (a weight
-  upload gets ``request_timeout + size / 1 MiB/s``) and a socket silent that long is dropped, so a slow or
+- Deadlines: the request line, headers and body must arrive within ``request_timeout`` plus 1 s per MiB
+  of announced body, and a socket silent for ``request_timeout`` is dropped, so a slow or
   stuck client (slowloris) holds one thread for a bounded time and never blocks the others. The answer is
   sent under the same timeout, so a client that never reads does not hold a thread either.
 - Bodies: ``Content-Length`` is checked against the endpoint's limit before a byte is read, then the body

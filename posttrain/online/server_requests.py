@@ -51,9 +51,8 @@ class ServerLimits:
     - ``max_request_mb`` [16]: JSON bodies (``/generate``, ``/reset``); ``max_upload_mb`` [8192]: one
       ``/update_weights`` body; ``max_buffered_mb`` [None: upload + 4 x request]: all request bodies being
       received at once, together (beyond it a request is answered 503, server busy).
-    - ``request_timeout`` [30 s]: a client must send its request line and headers, and a JSON body, within
-      this time; a weight upload gets ``request_timeout + its size / 1 MiB/s``; a socket silent for this
-      long is dropped. ``max_connections`` [64]: connections served at once (more are answered 503).
+    - ``request_timeout`` [30 s]: a client must send its whole request (line, headers, body) within this
+      time plus 1 s per MiB of body; a socket silent for this long is dropped. ``max_connections`` [64]: connections served at once (more are answered 503).
     """
 
     max_prompts: int = 4096
