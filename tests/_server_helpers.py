@@ -67,3 +67,102 @@ def wait_for(predicate, timeout: float, step: float = 0.05) -> bool:
             return True
         time.sleep(step)
     return False
+
+
+# ---- in-process server (a thread) and raw HTTP, for the HTTP-layer and fuzz tests -----------------
+
+@dataclass
+class InProcessServer:
+    httpd: object
+    app: object
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def serve_in_thread(limits=None, *, model=None, tokenizer=None):
+    """A `RolloutServer` on tiny:nano (HF backend) served by a thread on 127.0.0.1, a free port.
+    Stop it with `stop_in_thread`."""
+    from posttrain.models import build_tiny
+    from posttrain.online.engine_hf import HFEngine
+    from posttrain.online.server import RolloutServer, make_http_server
+
+    if model is None:
+        model, tokenizer = build_tiny("nano")
+    app = RolloutServer(HFEngine(model, tokenizer), backend="hf", model="tiny:nano", limits=limits)
+    httpd = make_http_server(app, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return InProcessServer(httpd, app, "127.0.0.1", httpd.server_address[1])
+
+
+def stop_in_thread(server: InProcessServer) -> None:
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@dataclass
+class RawReply:
+    status: int | None  # None: no HTTP status line came back (connection dropped or not HTTP)
+    headers: dict
+    body: bytes
+    error: str = ""  # the socket error, if any
+
+    def json(self):
+        import json
+        return json.loads(self.body)
+
+
+def raw_request(host: str, port: int, data: bytes, *, half_close: bool = True, timeout: float = 10.0,
+                pause_after: float = 0.0) -> RawReply:
+    """Send raw bytes on a fresh loopback connection and read the whole reply (HTTP/1.0: until close).
+    `half_close` shuts the write side after sending (the server sees the end of the body)."""
+    import socket
+
+    assert host in ("127.0.0.1", "localhost", "::1"), "tests talk to loopback only"
+    sock = socket.create_connection((host, port), timeout=timeout)
+    chunks: list[bytes] = []
+    error = ""
+    try:
+        try:
+            sock.sendall(data)
+            if pause_after:
+                time.sleep(pause_after)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError as err:  # the server may answer and close before reading everything
+            error = f"send: {type(err).__name__}"
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            chunks.append(piece)
+    except OSError as err:
+        error = error or f"recv: {type(err).__name__}: {err}"
+    finally:
+        sock.close()
+    return parse_reply(b"".join(chunks), error)
+
+
+def parse_reply(data: bytes, error: str = "") -> RawReply:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", head)
+    if not sep or not match:
+        return RawReply(None, {}, data, error or "no HTTP reply")
+    headers = {}
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        headers[key.decode("latin-1").strip().lower()] = value.decode("latin-1").strip()
+    return RawReply(int(match.group(1)), headers, body, error)
+
+
+def http_request(host: str, port: int, method: str, path: str, body: bytes = b"", *,
+                 content_type: str | None = "application/json", headers: dict | None = None, **kw) -> RawReply:
+    """A well-formed HTTP/1.1 request with a correct Content-Length."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+    if content_type:
+        lines.append(f"Content-Type: {content_type}")
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return raw_request(host, port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body, **kw)

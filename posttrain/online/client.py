@@ -5,8 +5,11 @@ as ids; :meth:`RolloutServerClient.sync_weights` sends the trainer's weights (Lo
 blobs of whole decoder layers, about ``chunk_mb`` each, then ``/reset``.
 
 Failures never hang: every request has a socket timeout (``timeout``, the longest wait for any one reply)
-and every transport failure becomes a :class:`RolloutServerError` naming the URL and what to check. Only
-a refused connection is retried (the request never reached the server, so retrying is safe).
+and every transport failure becomes a :class:`RolloutServerError` naming the URL and what to check. A
+request the server refuses raises :class:`RolloutServerError` with its status and the server's reason
+(``err.status``, ``err.reason``). Only a refused connection and a 503 (busy) are retried: the request was
+not processed, so retrying is safe. Weight chunks larger than the server's ``--max-upload-mb`` are
+refused here, before sending.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ _START_HINT = "start one with `posttrain serve --model ...`"
 
 
 class RolloutServerError(RuntimeError):
-    """The rollout server is unreachable, died, timed out, or refused a request."""
+    """The rollout server is unreachable, died, timed out, or refused a request. When it answered,
+    ``status`` is the HTTP status and ``reason`` its ``{"error": ...}`` message; both are None otherwise."""
+
+    def __init__(self, message: str, *, status: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
 
 
 class RolloutServerClient(RolloutEngine):
@@ -73,7 +82,10 @@ class RolloutServerClient(RolloutEngine):
             conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
             try:
                 headers = {"Content-Type": content_type} if body is not None else {}
-                conn.request(method, path, body=body, headers=headers)
+                try:
+                    conn.request(method, path, body=body, headers=headers)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the server answered early (e.g. 413) and closed: its reason is in the reply below
                 response = conn.getresponse()
                 data = response.read()
                 status = response.status
@@ -98,9 +110,13 @@ class RolloutServerClient(RolloutEngine):
             except json.JSONDecodeError as err:
                 raise RolloutServerError(f"{self.url}{path} answered status {status} with non-JSON data: is it a "
                                          "posttrain rollout server?") from err
+            if status == 503 and attempt + 1 < attempts:  # busy: nothing was done, retrying is safe
+                time.sleep(0.5 * 2**attempt)
+                continue
             if status != 200:
+                reason = str(payload.get("error", payload)) if isinstance(payload, dict) else str(payload)
                 raise RolloutServerError(f"rollout server at {self.url} rejected {method} {path} (status {status}): "
-                                         f"{payload.get('error', payload)}")
+                                         f"{reason}", status=status, reason=reason)
             return payload
         raise AssertionError("unreachable")
 
@@ -132,9 +148,15 @@ class RolloutServerClient(RolloutEngine):
 
         distributed = dist.is_available() and dist.is_initialized()
         if not distributed or dist.get_rank() == 0:  # one sender; the other ranks wait at the barrier
+            limit_mb = (self.info.get("limits") or {}).get("max_upload_mb")
             for chunk in chunk_weights(iter_merged_weights(model), self.chunk_bytes):
-                self._request("POST", "/update_weights", weights_to_bytes(chunk),
-                              content_type="application/octet-stream")
+                blob = weights_to_bytes(chunk)
+                if limit_mb is not None and len(blob) > limit_mb * 2**20:
+                    raise RolloutServerError(
+                        f"a weight chunk of {len(blob) / 2**20:.1f} MiB (layer {chunk[0][0]!r}...) is over the rollout "
+                        f"server's --max-upload-mb {limit_mb:g} at {self.url}: a layer is sent whole, so start the "
+                        "server with a larger --max-upload-mb")
+                self._request("POST", "/update_weights", blob, content_type="application/octet-stream")
             self.reset_cache()
         if distributed:
             dist.barrier()

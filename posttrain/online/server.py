@@ -6,102 +6,126 @@ Standard library only (``http.server`` + ``json``). It binds to loopback unless 
 unpickles anything: requests are JSON, weights are safetensors blobs (a JSON header of names, dtypes and
 shapes followed by raw little-endian tensor bytes).
 
-Endpoints (all answers are JSON; errors are ``{"error": message}`` with status 400 or 500):
+Endpoints (every answer is JSON; an error is ``{"error": reason}``, see ``server_http`` for the statuses):
 
 - ``GET /health`` -> ``{"status": "ok"}``
-- ``GET /info`` -> backend, model, vocab size, stop token ids, weights version, pid
+- ``GET /info`` -> backend, model, vocab size, stop token ids, weights version, pid, the request limits
 - ``POST /generate`` ``{"prompts": [[ids...] | "text" | [messages]], "params": {SamplingParams fields}}``
   -> the :class:`~posttrain.online.engines.Rollout` fields
 - ``POST /update_weights`` body: a safetensors blob of ``(checkpoint name -> tensor)``, whole decoder
   layers per request (clients send a large model in several requests) -> ``{"loaded": n}``
 - ``POST /reset`` -> forget cached prefixes after an update; bumps ``weights_version``
 
-Requests are served one at a time by the engine (a lock), while ``/health`` and ``/info`` stay answerable.
+It is a long-lived service that several clients share: every request is validated against the model and
+the server's :class:`~posttrain.online.server_requests.ServerLimits` before the engine sees it (the same
+for every backend), and no request, however malformed, large or slow, can crash it, exhaust its memory
+or wedge it for the others (``server_http``). Generation and weight loading are serialized by a lock;
+``/health`` and ``/info`` stay answerable meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import asdict, fields
 from typing import Any, Sequence
 
-from .engines import RolloutEngine, SamplingParams
+from .engines import RolloutEngine
+from .server_http import Endpoint, RolloutHTTPServer
+from .server_requests import (ModelFacts, RequestError, ServerLimits, check_weight_header, check_weight_values,
+                              parse_generate, parse_reset)
 from .weights import weights_from_bytes
 
-__all__ = ["RolloutServer", "build_engine", "make_http_server", "serve_main", "main"]
+__all__ = ["RolloutServer", "ServerLimits", "RequestError", "build_engine", "make_http_server", "serve_main",
+           "main"]
 
 logger = logging.getLogger("posttrain.serve")
 
-MAX_JSON_BYTES = 256 * 2**20
-
-
-class RequestError(ValueError):
-    """A bad request: answered with status 400 and the message."""
-
 
 class RolloutServer:
-    """The endpoints' logic around one engine (no HTTP here, so it is testable directly)."""
+    """The endpoints' logic around one engine (no HTTP here, so it is testable directly).
 
-    def __init__(self, engine: RolloutEngine, *, backend: str, model: str) -> None:
+    ``limits``: the server's bounds on a request (default :class:`ServerLimits`); ``facts``: the model's
+    vocabulary, context and parameter specs that requests are checked against (default: read from the
+    engine, see :meth:`ModelFacts.from_engine`). ``limits.max_model_len`` may not exceed the model's context.
+    """
+
+    def __init__(self, engine: RolloutEngine, *, backend: str, model: str, limits: ServerLimits | None = None,
+                 facts: ModelFacts | None = None) -> None:
         self.engine = engine
         self.backend = backend
         self.model = model
+        self.limits = limits if limits is not None else ServerLimits()
+        self.facts = facts if facts is not None else ModelFacts.from_engine(engine, backend)
+        context = self.facts.context_length
+        if self.limits.max_model_len is not None and context is not None and self.limits.max_model_len > context:
+            raise ValueError(f"max_model_len={self.limits.max_model_len} is beyond the model's context of {context} "
+                             "tokens")
+        self.tokenizer = getattr(engine, "tokenizer", None)
         self.weights_version = 0
         self.started = time.time()
         self.lock = threading.Lock()
 
+    def routes(self) -> dict[str, dict[str, Endpoint]]:
+        """Path -> method -> endpoint, for :class:`~posttrain.online.server_http.RolloutHTTPServer`."""
+        json_limit, upload_limit = self.limits.max_request_bytes, self.limits.max_upload_bytes
+        return {
+            "/health": {"GET": Endpoint("none", lambda _: self.health())},
+            "/info": {"GET": Endpoint("none", lambda _: self.info())},
+            "/generate": {"POST": Endpoint("json", self.generate, json_limit, "--max-request-mb")},
+            "/update_weights": {"POST": Endpoint("binary", self.update_weights, upload_limit, "--max-upload-mb")},
+            "/reset": {"POST": Endpoint("json", self.reset, json_limit, "--max-request-mb")},
+        }
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
     def info(self) -> dict[str, Any]:
-        tokenizer = getattr(self.engine, "tokenizer", None)
+        tokenizer = self.tokenizer
+        limits = asdict(self.limits)
+        limits.update(vocab_size=self.facts.vocab_size, context_length=self.facts.context_length)
         return {
             "backend": self.backend, "model": self.model, "pid": os.getpid(),
             "vocab_size": len(tokenizer) if tokenizer is not None else None,
             "stop_token_ids": list(getattr(self.engine, "stop_token_ids", []) or []),
             "weights_version": self.weights_version, "uptime_s": round(time.time() - self.started, 1),
+            "limits": limits,
         }
 
     def generate(self, request: Any) -> dict[str, Any]:
-        if not isinstance(request, dict) or "prompts" not in request:
-            raise RequestError("POST /generate expects a JSON object with 'prompts' (and optional 'params')")
-        prompts = request["prompts"]
-        if not isinstance(prompts, list):
-            raise RequestError(f"'prompts' must be a list, got {type(prompts).__name__}")
-        params = request.get("params") or {}
-        if not isinstance(params, dict):
-            raise RequestError(f"'params' must be an object of sampling parameters, got {type(params).__name__}")
-        try:
-            sampling = SamplingParams.from_dict(params)
-        except (TypeError, ValueError) as err:
-            raise RequestError(str(err)) from None
+        """``request``: the parsed ``/generate`` body; validated (:func:`parse_generate`), then generated."""
+        prompt_ids, sampling = parse_generate(request, limits=self.limits, facts=self.facts, tokenizer=self.tokenizer)
         with self.lock:
-            rollout = self.engine.generate(prompts, sampling)
+            rollout = self.engine.generate(prompt_ids, sampling)
         return {name: getattr(rollout, name) for name in
                 ("prompt_index", "prompt_ids", "completion_ids", "texts", "logprobs", "truncated")}
 
-    def update_weights(self, body: bytes) -> dict[str, Any]:
-        try:
-            tensors = weights_from_bytes(body)
-        except Exception as err:  # safetensors raises its own error types on a malformed header
-            raise RequestError(f"POST /update_weights expects a safetensors blob: {err}") from None
+    def update_weights(self, body: bytes | bytearray) -> dict[str, Any]:
+        """Check the whole update (names, shapes, dtypes, then finite values) before any of it is applied."""
+        check_weight_header(body, self.facts)
         load = getattr(self.engine, "load_named_weights", None)
         if load is None:
             raise RequestError(f"the {self.backend} backend cannot load weights")
+        try:
+            tensors = weights_from_bytes(bytes(body))
+        except Exception as err:  # safetensors raises its own error types on a malformed blob
+            raise RequestError(f"POST /update_weights: expected a safetensors blob: {str(err)[:300]}") from None
+        check_weight_values(tensors)
         with self.lock:
             try:
                 load(list(tensors.items()))
-            except (KeyError, ValueError) as err:
+            except (KeyError, ValueError) as err:  # a backend's own check (when the names were not known here)
                 raise RequestError(str(err).strip("'\"")) from None
         return {"loaded": len(tensors)}
 
-    def reset(self) -> dict[str, Any]:
+    def reset(self, request: Any = None) -> dict[str, Any]:
+        parse_reset({} if request is None else request)
         with self.lock:
             reset = getattr(self.engine, "reset_cache", None)
             if callable(reset):
@@ -110,79 +134,15 @@ class RolloutServer:
         return {"ok": True, "weights_version": self.weights_version}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "_HTTPServer"
-    server_version = "posttrain-serve"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        logger.debug("%s %s", self.address_string(), format % args)
-
-    def _reply(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _body(self, limit: int) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestError("a Content-Length header is required")
-        try:
-            size = int(length)
-        except ValueError:
-            raise RequestError(f"bad Content-Length {length!r}") from None
-        if size < 0 or size > limit:
-            raise RequestError(f"request body of {size} bytes is over the limit of {limit} bytes")
-        return self.rfile.read(size)
-
-    def _json(self) -> Any:
-        try:
-            return json.loads(self._body(MAX_JSON_BYTES) or b"{}")
-        except json.JSONDecodeError as err:
-            raise RequestError(f"request body is not valid JSON: {err}") from None
-
-    def _dispatch(self, routes: dict[str, Any]) -> None:
-        path = self.path.split("?", 1)[0]
-        route = routes.get(path)
-        if route is None:
-            self._reply(404, {"error": f"no endpoint {self.command} {path}; see `posttrain serve --help`"})
-            return
-        try:
-            self._reply(200, route())
-        except RequestError as err:
-            self._reply(400, {"error": str(err)})
-        except Exception as err:  # report, keep serving
-            logger.error("%s %s failed:\n%s", self.command, path, traceback.format_exc())
-            self._reply(500, {"error": f"{type(err).__name__}: {err}"})
-
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
-        app = self.server.app
-        self._dispatch({"/health": lambda: {"status": "ok"}, "/info": app.info})
-
-    def do_POST(self) -> None:  # noqa: N802
-        app = self.server.app
-        self._dispatch({
-            "/generate": lambda: app.generate(self._json()),
-            "/update_weights": lambda: app.update_weights(self._body(self.server.max_upload_bytes)),
-            "/reset": app.reset,
-        })
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], app: RolloutServer, max_upload_bytes: int) -> None:
-        super().__init__(address, _Handler)
-        self.app = app
-        self.max_upload_bytes = max_upload_bytes
-
-
 def make_http_server(app: RolloutServer, host: str = "127.0.0.1", port: int = 8000,
-                     max_upload_mb: int = 8192) -> ThreadingHTTPServer:
-    """Bind (port 0 picks a free port; read it from ``server.server_address``)."""
-    return _HTTPServer((host, port), app, max_upload_mb * 2**20)
+                     max_upload_mb: float | None = None) -> RolloutHTTPServer:
+    """Bind (port 0 picks a free port; read it from ``server.server_address``). The limits are
+    ``app.limits`` (``max_upload_mb``, when given, replaces its upload limit)."""
+    if max_upload_mb is not None:
+        values = asdict(app.limits)
+        values["max_upload_mb"] = max_upload_mb
+        app.limits = ServerLimits(**values)
+    return RolloutHTTPServer((host, port), app.routes(), app.limits)
 
 
 def build_engine(model: str, backend: str, args: argparse.Namespace) -> tuple[RolloutEngine, str]:
@@ -209,13 +169,29 @@ def build_engine(model: str, backend: str, args: argparse.Namespace) -> tuple[Ro
     return engine, backend
 
 
+_EPILOG = """\
+endpoints: GET /health, GET /info, POST /generate, POST /update_weights, POST /reset
+
+Every request is validated before the engine sees it: the JSON shape and the type of every field, prompt
+token ids in [0, vocab size), n, max_new_tokens, the number of prompts and the request's total tokens
+(prompts x n x (prompt + max_new_tokens)) within the request limits above and the model's context, sampling
+parameters in range (temperature >= 0, top_p in (0, 1], top_k >= 0 with 0/-1/null off, min_p in [0, 1],
+repetition_penalty > 0, seed null or an integer in [0, 2**63)), and weight updates against the model's
+parameter names, shapes and dtypes (and finite values) before any of it is applied.
+
+Errors are JSON {"error": reason} naming the field and what was expected: 400 bad request, 404 unknown
+path, 405 wrong method, 408 request too slow, 411 no Content-Length, 413 body too large, 415 wrong
+Content-Type, 500 the engine failed (logged; the server keeps serving), 503 busy (retry).
+
+The server has no authentication: keep it on loopback or a trusted network."""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="posttrain serve", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a rollout server (vLLM, or HF generate) that online trainers use with "
                     "use_vllm=True, vllm_mode='server', vllm_server_url=http://HOST:PORT.",
-        epilog="endpoints: GET /health, GET /info, POST /generate, POST /update_weights, POST /reset\n"
-               "The server has no authentication: keep it on loopback or a trusted network.")
+        epilog=_EPILOG)
     p.add_argument("--model", required=True, help="tiny:<spec>, a local folder or a hub name")
     p.add_argument("--backend", default="auto", choices=["auto", "vllm", "hf"],
                    help="vllm (needs vLLM), hf (transformers generate), auto: vllm when installed")
@@ -225,13 +201,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-dtype", default="auto", help="vLLM dtype (auto: float32 on CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--kv-cache-gb", type=float, default=None, help="vLLM KV cache in GiB (default 1 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--max-batch-size", type=int, default=64, help="hf backend: sequences per generate call")
-    p.add_argument("--max-upload-mb", type=int, default=8192, help="largest /update_weights request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
+    limits = p.add_argument_group("request limits (a request beyond one is answered 4xx with the reason)")
+    d = ServerLimits()
+    limits.add_argument("--max-model-len", type=int, default=None,
+                        help="prompt + completion tokens per sequence (default: the model's context; not beyond "
+                             "it); vllm: also vLLM's max_model_len")
+    limits.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                        help="largest params.max_new_tokens (default: the context allows)")
+    limits.add_argument("--max-n", type=int, default=d.max_n, help=f"largest params.n (default {d.max_n})")
+    limits.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                        help=f"prompts per /generate (default {d.max_prompts})")
+    limits.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
+                        help="prompts x n x (prompt + max_new_tokens) per /generate (default %(default)s)")
+    limits.add_argument("--max-request-mb", type=float, default=d.max_request_mb,
+                        help="largest JSON body (/generate, /reset), MiB (default %(default)s)")
+    limits.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                        help="largest /update_weights body, MiB (default %(default)s)")
+    limits.add_argument("--max-buffered-mb", type=float, default=None,
+                        help="all bodies being received at once, MiB; beyond: 503 (default upload + 4 x request)")
+    limits.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                        help="seconds a client has to send a request (+ 1 s per MiB of body); a socket silent "
+                             "this long is dropped (default %(default)s)")
+    limits.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help="connections served at once; more get 503 (default %(default)s)")
     return p
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    """The :class:`ServerLimits` of parsed ``posttrain serve`` flags (a bad value exits with its message)."""
+    try:
+        return ServerLimits(**{f.name: getattr(args, f.name) for f in fields(ServerLimits)})
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
@@ -245,10 +250,15 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     if not loopback:
         logger.warning("binding to %s: anyone who can reach it can replace the weights; the server has no "
                        "authentication, keep it on a trusted network", args.host)
+    limits = limits_from_args(args)
     start = time.perf_counter()
     engine, backend = build_engine(args.model, args.backend, args)
-    app = RolloutServer(engine, backend=backend, model=args.model)
-    httpd = make_http_server(app, args.host, args.port, args.max_upload_mb)
+    try:
+        app = RolloutServer(engine, backend=backend, model=args.model, limits=limits)
+    except ValueError as err:
+        engine.close()
+        raise SystemExit(f"error: {err}") from None
+    httpd = make_http_server(app, args.host, args.port)
     host, port = httpd.server_address[:2]
     print(f"posttrain serve: {backend} backend for {args.model} listening on http://{host}:{port} "
           f"(ready in {time.perf_counter() - start:.1f} s)", flush=True)
