@@ -37,7 +37,6 @@ import torch
 
 from ..data import DatasetKind, FormatInfo
 from ..losses.grpo import masked_mean
-from ..models import is_peft_model
 from ..ops import unwrap
 from ..online.completions_log import completions_table_rows, log_completions
 from ..online.engines import RolloutEngine, SamplingParams, encode_prompts, make_engine
@@ -47,7 +46,7 @@ from ..online.pipeline import PromptStream, RolloutLoader, ScoredRollout
 from ..online.rewards import RewardComposer
 from ..online.rollout_batch import RolloutBatch
 from ._online_config import OnlineConfig
-from ._reference import frozen_copy, reference_context
+from ._reference import reference_context, resolve_reference
 from .base import PostTrainer
 
 logger = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class OnlineTrainer(PostTrainer):
         funcs = [] if reward_funcs is None else (list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
         if self.requires_reward_funcs and not funcs:
             raise ValueError(f"{type(self).__name__} needs at least one reward function (reward_funcs=...)")
-        args = args if args is not None else self.config_class()
+        args = self.resolve_args(args)
         super().__init__(model, args, data_collator=_collate_rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          callbacks=callbacks, optimizers=optimizers, **kwargs)
@@ -104,10 +103,9 @@ class OnlineTrainer(PostTrainer):
                                                   max_completion_length=args.max_completion_length)
         self.ref_model = None
         if self.uses_reference:
-            if ref_model is not None:
-                self.ref_model = frozen_copy(ref_model).to(self.args.device)
-            elif not is_peft_model(self.model):
-                self.ref_model = frozen_copy(self.model).to(self.args.device)
+            self.ref_model = resolve_reference(self.model, ref_model, load=lambda name: self.load_model(name, args))
+            if self.ref_model is not None:
+                self.ref_model = self.ref_model.to(self.args.device)
         self._engine = engine
         self._engine_ready = False
         self._split_rng = torch.Generator().manual_seed(args.seed)

@@ -9,7 +9,7 @@ dapo or gspo), optionally with a k3 KL penalty to the reference policy (``beta``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -71,12 +71,6 @@ class GRPOTrainer(OnlineTrainer):
     config_class: ClassVar = GRPOConfig
     requires_reward_funcs: ClassVar = True
     _tag_names: ClassVar = ["posttrain", "grpo"]
-
-    def __init__(self, model: Any, reward_funcs: Any = None, args: GRPOConfig | None = None, *rest: Any,
-                 **kwargs: Any) -> None:
-        # resolved here because OnlineTrainer reads the args it was given, not self.args (a plain
-        # TrainingArguments must already be a GRPOConfig there)
-        super().__init__(model, reward_funcs, self.resolve_args(args), *rest, **kwargs)
 
     @property
     def zero_advantage_means_zero_gradient(self) -> bool:

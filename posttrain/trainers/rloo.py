@@ -61,7 +61,7 @@ class RLOOTrainer(OnlineTrainer):
             reward_funcs = funcs + [reward_model]
         # resolved here because OnlineTrainer reads the args it was given, not self.args (a plain
         # TrainingArguments must already be an RLOOConfig there)
-        super().__init__(model, reward_funcs, self.resolve_args(args), *rest, **kwargs)
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
 
     @property
     def zero_advantage_means_zero_gradient(self) -> bool:
