@@ -94,12 +94,24 @@ def test_padding_free_and_packing_give_the_padded_loss(tmp_path, task_data, mode
 def test_conversational_data_trains_on_assistant_turns(tmp_path):
     train = ArithmeticTask(digits=2, seed=0, conversational=True).language_modeling(64)
     model, tok = build_tiny("nano", seed=0)
-    trainer = SFTTrainer(model=model, args=_config(tmp_path, max_steps=4), train_dataset=train, processing_class=tok)
+    trainer = SFTTrainer(model=model, args=_config(tmp_path, max_steps=4, assistant_only_loss=True),
+                         train_dataset=train, processing_class=tok)
     row = trainer.train_dataset[0]
     masked = [t for t, m in zip(row["input_ids"], row["completion_mask"]) if m]
     assert 0 < len(masked) < len(row["input_ids"])
     assert "<answer>" in tok.decode(masked)
+    assert "user" not in tok.decode(masked)
     trainer.train()
+
+
+def test_conversations_train_on_every_token_by_default_as_in_trl(tmp_path):
+    """TRL's default assistant_only_loss=False: the loss covers the whole conversation, user turns included."""
+    assert SFTConfig(output_dir=str(tmp_path)).assistant_only_loss is False
+    train = ArithmeticTask(digits=2, seed=0, conversational=True).language_modeling(4)
+    model, tok = build_tiny("nano", seed=0)
+    trainer = SFTTrainer(model=model, args=_config(tmp_path), train_dataset=train, processing_class=tok)
+    for row in trainer.train_dataset:
+        assert all(row["completion_mask"]) and len(row["completion_mask"]) == len(row["input_ids"])
 
 
 def test_lora_trains_only_adapter_and_merges(tmp_path, task_data):

@@ -6,14 +6,23 @@ from .formats import (
     DatasetFormatError,
     DatasetKind,
     FormatInfo,
+    TOKEN_MASK_COLUMNS,
     detect_format,
+    parse_tools,
     split_implicit_prompt,
     unpair_preference,
     validate_dataset,
 )
 from .loading import load_any
 from .packing import pack_bfd, pack_dataset
-from .templates import CHAT_TEMPLATES, DEFAULT_CHAT_TEMPLATE, end_of_turn, ensure_chat_template, render_chat
+from .templates import (
+    CHAT_TEMPLATES,
+    DEFAULT_CHAT_TEMPLATE,
+    end_of_turn,
+    ensure_chat_template,
+    render_chat,
+    trainer_tokenizer,
+)
 from .tokenization import assistant_char_spans, tokenize_messages, tokenize_prompt_completion, tokenize_text
 
 __all__ = [
@@ -24,6 +33,7 @@ __all__ = [
     "FormatInfo",
     "PaddingCollator",
     "PaddingFreeCollator",
+    "TOKEN_MASK_COLUMNS",
     "assistant_char_spans",
     "detect_format",
     "end_of_turn",
@@ -32,11 +42,13 @@ __all__ = [
     "pack_bfd",
     "pack_dataset",
     "packed_attention_mask",
+    "parse_tools",
     "render_chat",
     "split_implicit_prompt",
     "tokenize_messages",
     "tokenize_prompt_completion",
     "tokenize_text",
+    "trainer_tokenizer",
     "unpair_preference",
     "validate_dataset",
 ]

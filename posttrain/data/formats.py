@@ -15,13 +15,20 @@ Formats (each either plain strings or conversational, i.e. lists of `{"role", "c
 |                     | (implicit prompt: their shared prefix, see `split_implicit_prompt`) |
 | UNPAIRED_PREFERENCE | `prompt`, `completion`, `label` (bool)                         |
 | STEPWISE            | `prompt`, `completions` (list of strings), `labels` (list of bool) |
+| TOKENIZED           | `input_ids` (list of ints), optional per-token `completion_mask`,  |
+|                     | `assistant_masks`, `attention_mask` (0/1) and `labels` (-100 = no loss) |
 
-Extra columns are allowed and kept. Validation reads whole columns (Arrow -> Python once per column), never
-indexes a `datasets.Dataset` row by row, so it is fast enough to run on every dataset before training.
+A dataset with an `input_ids` column is TOKENIZED whatever its other columns (it is used as is, as TRL does).
+An optional `tools` column holds the tool schemas a chat template renders: a list of JSON-schema dicts, or a
+JSON string of one (the usual layout on the hub, since Arrow cannot store dicts of varying shapes); see
+`parse_tools`. Extra columns are allowed and kept. Validation reads whole columns (Arrow -> Python once per
+column), never indexes a `datasets.Dataset` row by row, so it is fast enough to run on every dataset before
+training.
 """
 
 from __future__ import annotations
 
+import json
 import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +51,10 @@ class DatasetKind(str, Enum):
     PREFERENCE = "preference"
     UNPAIRED_PREFERENCE = "unpaired_preference"
     STEPWISE = "stepwise"
+    TOKENIZED = "tokenized"
 
+
+TOKEN_MASK_COLUMNS = ("completion_mask", "assistant_masks", "attention_mask")
 
 _KIND_COLUMNS = {
     DatasetKind.LANGUAGE_MODELING: "'text' or 'messages'",
@@ -53,6 +63,7 @@ _KIND_COLUMNS = {
     DatasetKind.PREFERENCE: "'prompt', 'chosen', 'rejected' (or 'chosen', 'rejected' only)",
     DatasetKind.UNPAIRED_PREFERENCE: "'prompt', 'completion', 'label'",
     DatasetKind.STEPWISE: "'prompt', 'completions', 'labels'",
+    DatasetKind.TOKENIZED: "'input_ids'",
 }
 
 
@@ -117,6 +128,8 @@ def _is_bool(value: Any) -> bool:
 
 def _kind_from_columns(names: Sequence[str]) -> tuple[DatasetKind, bool]:
     cols = set(names)
+    if "input_ids" in cols:
+        return DatasetKind.TOKENIZED, False
     if {"prompt", "completions", "labels"} <= cols:
         return DatasetKind.STEPWISE, False
     if {"chosen", "rejected"} <= cols:
@@ -146,6 +159,8 @@ def _sequence_fields(kind: DatasetKind, names: Sequence[str], implicit: bool) ->
 
 def _detect(table: _Table) -> FormatInfo:
     kind, implicit = _kind_from_columns(table.names)
+    if kind is DatasetKind.TOKENIZED:
+        return FormatInfo(kind, conversational=False)
     key = _sequence_fields(kind, table.names, implicit)[0]
     first = next((v for v in table.column(key) if v is not None and v is not _MISSING), None)
     return FormatInfo(kind, conversational=isinstance(first, list), implicit_prompt=implicit)
@@ -204,7 +219,65 @@ def _check_stepwise(row: int, completions: Any, labels: Any) -> None:
             raise _fail(row, f"labels[{j}]", "a boolean", label)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) or type(value).__name__ in ("int64", "int32")
+
+
+def _check_tokenized(table: _Table) -> None:
+    lengths = []
+    for i, ids in enumerate(table.column("input_ids")):
+        if not isinstance(ids, list) or not ids or not all(_is_int(t) for t in ids):
+            raise _fail(i, "input_ids", "a non-empty list of token ids (ints)", ids)
+        lengths.append(len(ids))
+    for name in (*TOKEN_MASK_COLUMNS, "labels"):
+        if name not in table.names:
+            continue
+        values = "0 or 1" if name != "labels" else "token ids or -100"
+        for i, (value, n) in enumerate(zip(table.column(name), lengths)):
+            if value is None or value is _MISSING:
+                continue
+            if not isinstance(value, list) or len(value) != n:
+                raise _fail(i, name, f"a list of {n} values ({values}, one per input_ids token)", value)
+            if name != "labels" and any(v not in (0, 1) for v in value):
+                raise _fail(i, name, "values 0 or 1", value)
+
+
+def parse_tools(value: Any) -> list[dict] | None:
+    """One row's `tools` value as a chat template wants it: a list of tool-schema dicts, or None.
+
+    Accepts None (or an empty string or list): no tools; a list of dicts; a JSON string of a list of dicts (or of
+    one dict). Raises ValueError otherwise.
+    """
+    if value is None or (isinstance(value, (str, list)) and not value):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"the JSON string does not parse: {err}") from None
+        if isinstance(value, Mapping):
+            value = [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(t, Mapping) for t in value):
+        return [dict(t) for t in value] or None
+    raise ValueError(f"not a list of dicts: {type(value).__name__}")
+
+
+def _check_tools(table: _Table) -> None:
+    for i, value in enumerate(table.column("tools")):
+        if value is _MISSING:
+            continue
+        try:
+            parse_tools(value)
+        except ValueError as err:
+            raise _fail(i, "tools", f"a list of tool-schema dicts or a JSON string of one ({err})", value) from None
+
+
 def _validate_rows(table: _Table, info: FormatInfo) -> None:
+    if "tools" in table.names:
+        _check_tools(table)
+    if info.kind is DatasetKind.TOKENIZED:
+        _check_tokenized(table)
+        return
     fields = _sequence_fields(info.kind, table.names, info.implicit_prompt)
     for field in fields:
         for i, value in enumerate(table.column(field)):

@@ -13,10 +13,16 @@ tokenizer has none). Marker strings the tokenizer lacks as special tokens are to
 
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
+
+from .formats import parse_tools
+
+logger = logging.getLogger(__name__)
 
 _BOS = "{%- set bos = bos_token if (bos_token is defined and bos_token) else '' -%}"
 _EOS = "{%- set eos = eos_token if (eos_token is defined and eos_token) else '</s>' -%}"
@@ -148,7 +154,8 @@ DEFAULT_CHAT_TEMPLATE = "chatml"
 
 
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, name: str | None = None) -> PreTrainedTokenizerBase:
-    """Give `tokenizer` a chat template and return it (modified in place).
+    """Give `tokenizer` a chat template and return it (modified in place; trainers use `trainer_tokenizer`,
+    which leaves the caller's object alone).
 
     `name=None` keeps the tokenizer's own template, or installs chatml when it has none. A registry name
     (`CHAT_TEMPLATES`) or a raw jinja string (anything containing `{%`) replaces the current template.
@@ -157,15 +164,46 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, name: str | None = 
         if not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = CHAT_TEMPLATES[DEFAULT_CHAT_TEMPLATE]
         return tokenizer
-    if "{%" in name or "{{" in name:
-        tokenizer.chat_template = name
-    elif name in CHAT_TEMPLATES:
-        tokenizer.chat_template = CHAT_TEMPLATES[name]
-    else:
-        raise ValueError(
-            f"unknown chat template '{name}'; expected one of {sorted(CHAT_TEMPLATES)} or a jinja template string"
-        )
+    tokenizer.chat_template = _template_for(name)
     return tokenizer
+
+
+def _template_for(name: str) -> str:
+    if "{%" in name or "{{" in name:
+        return name
+    if name in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name]
+    raise ValueError(
+        f"unknown chat template '{name}'; expected one of {sorted(CHAT_TEMPLATES)} or a jinja template string"
+    )
+
+
+def trainer_tokenizer(processing_class: Any, chat_template: str | None = None) -> tuple[Any, PreTrainedTokenizerBase]:
+    """The processing class a trainer uses and its tokenizer: with a pad token (EOS when it has none) and the
+    chat template `chat_template` (see `ensure_chat_template`).
+
+    Where anything must change, the change is made on a copy: the caller's tokenizer object is never modified
+    (TRL's trainers do not modify it either). A tokenizer without a chat template gets posttrain's chatml one
+    when `chat_template` is None, with a warning: TRL 1.16 raises instead, at the first conversation it renders.
+    """
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    current = getattr(tokenizer, "chat_template", None)
+    template = _template_for(chat_template) if chat_template is not None else current or CHAT_TEMPLATES[
+        DEFAULT_CHAT_TEMPLATE]
+    if tokenizer.pad_token is not None and template == current:
+        return processing_class, tokenizer
+    if not current and chat_template is None:
+        logger.warning(
+            "the tokenizer has no chat template: this run renders conversations with posttrain's '%s' template "
+            "(TRL raises instead); set chat_template to choose one. The caller's tokenizer is left unchanged.",
+            DEFAULT_CHAT_TEMPLATE,
+        )
+    processing_class = copy.deepcopy(processing_class)
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = template
+    return processing_class, tokenizer
 
 
 def render_chat(
@@ -173,13 +211,15 @@ def render_chat(
     messages: list[dict[str, Any]],
     *,
     add_generation_prompt: bool = False,
-    tools: list[dict] | None = None,
+    tools: list[dict] | str | None = None,
 ) -> str:
     """Render a conversation (possibly empty) to text with the tokenizer's chat template.
 
     Same result as `tokenizer.apply_chat_template(..., tokenize=False)`, but accepts an empty conversation (the
-    generation prompt of a conversation that opens with an assistant turn).
+    generation prompt of a conversation that opens with an assistant turn), and `tools` as a JSON string too
+    (how hub datasets store them; see `formats.parse_tools`).
     """
+    tools = parse_tools(tools)
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError("the tokenizer has no chat template; call posttrain.data.ensure_chat_template(tokenizer)")

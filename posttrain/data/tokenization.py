@@ -127,16 +127,19 @@ def tokenize_prompt_completion(
     """Tokenize a prompt and its completion separately: `{"prompt_ids", "completion_ids", "truncated"}`.
 
     Plain strings: the prompt is tokenized as is (with the tokenizer's special tokens, e.g. BOS) and the
-    completion gets EOS appended. Conversations: the prompt is rendered with the generation prompt and the
-    completion is the rest of the full rendering up to its last end-of-turn marker (trailing whitespace
-    dropped), each tokenized without special tokens. With `max_length`, the concatenation keeps its first
-    `max_length` tokens (the completion is cut first).
+    completion gets EOS appended unless its tokens already end with it (never two EOS). Conversations: the
+    prompt is rendered with the generation prompt and the completion is the rest of the full rendering up to
+    its last end-of-turn marker (trailing whitespace dropped), each tokenized without special tokens. With
+    `max_length`, the concatenation keeps its first `max_length` tokens (the completion is cut first).
     """
     if isinstance(prompt, str) != isinstance(completion, str):
         raise ValueError("prompt and completion must both be strings or both be lists of messages")
     if isinstance(prompt, str):
         prompt_ids = tokenizer(prompt)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer)]
+        completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+        eos = _eos_id(tokenizer)
+        if not completion_ids or completion_ids[-1] != eos:  # a completion may already end with its EOS
+            completion_ids.append(eos)
     else:
         prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True, tools=tools)
         full_text = render_chat(tokenizer, list(prompt) + list(completion), tools=tools)

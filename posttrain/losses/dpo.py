@@ -190,12 +190,15 @@ def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str
     }
 
 
-def chosen_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+def chosen_nll(chosen_logps: Tensor, chosen_lengths: Tensor, num_tokens: float | Tensor | None = None) -> Tensor:
     """Token-mean negative log-likelihood of the chosen responses: ``-sum_i log pi(y_w^i) / sum_i |y_w^i|``.
 
     The NLL term of RPO (``rpo_alpha``, Pang et al. 2024, arXiv:2404.19733), CPO (``cpo_alpha``) and ORPO.
+    ``num_tokens`` replaces the denominator ``sum_i |y_w^i|``: the chosen-token count of the whole optimizer
+    step under gradient accumulation, so that the mean is over the step's tokens, not each micro-batch's.
     """
-    return -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+    denom = chosen_lengths.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=chosen_logps.device)
+    return -chosen_logps.sum() / denom.clamp(min=1)
 
 
 def length_desensitized_logps(

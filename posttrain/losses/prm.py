@@ -57,6 +57,7 @@ def prm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
     train_on_last_step_only: bool = False,
+    num_steps: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-step binary cross-entropy of a process reward model.
 
@@ -68,6 +69,7 @@ def prm_loss(
     which for a 2-label head equals the token-classification cross-entropy at those positions
     (Lightman et al. 2023, "Let's Verify Step by Step"). With ``train_on_last_step_only`` only the
     last labelled position of each row counts (an outcome-style signal read through the same head).
+    ``num_steps`` replaces ``|S|`` (the counted steps of the whole optimizer step under gradient accumulation).
 
     Returns ``(loss, metrics)`` with detached metrics over the counted positions: ``step_accuracy``
     (``sigmoid(z) > 0.5`` matches the label), ``positive_accuracy`` / ``negative_accuracy`` (the
@@ -84,7 +86,8 @@ def prm_loss(
     if z_sel.numel() == 0:
         loss = z.sum() * 0.0
     else:
-        loss = F.binary_cross_entropy_with_logits(z_sel, y_sel)
+        denom = float(z_sel.numel()) if num_steps is None else torch.as_tensor(num_steps).to(z_sel)
+        loss = F.binary_cross_entropy_with_logits(z_sel, y_sel, reduction="sum") / denom
     metrics = step_metrics(z_sel.detach(), y_sel)
     return loss, metrics
 

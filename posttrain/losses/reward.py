@@ -41,6 +41,7 @@ def bradley_terry_loss(
     rejected_rewards: torch.Tensor,
     margin: torch.Tensor | None = None,
     center_rewards_coefficient: float | None = None,
+    num_pairs: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Pairwise Bradley-Terry loss for reward models, with optional margin and centering.
 
@@ -57,6 +58,9 @@ def bradley_terry_loss(
       differences, so it pins the otherwise free offset by pulling each pair's sum toward zero,
       which keeps rewards of different models (or runs) on a comparable, zero-mean scale.
 
+    ``num_pairs`` replaces ``B`` in both means (the pair count of the whole optimizer step under gradient
+    accumulation, so each pair weighs the same whatever micro-batch it falls in).
+
     Returns ``(loss, metrics)``; metrics are detached: ``accuracy``, ``margin`` (mean ``r_c - r_r``),
     ``chosen_rewards``, ``rejected_rewards``, and ``centering_loss`` when centering is on.
     """
@@ -68,10 +72,12 @@ def bradley_terry_loss(
     diff = chosen_rewards - rejected_rewards
     if margin is not None:
         diff = diff - margin.to(diff.dtype)
-    loss = -F.logsigmoid(diff).mean()
+    denom = diff.new_tensor(float(diff.numel())) if num_pairs is None else torch.as_tensor(num_pairs).to(diff)
+    denom = denom.clamp(min=1.0)
+    loss = -F.logsigmoid(diff).sum() / denom
     metrics = pairwise_metrics(chosen_rewards, rejected_rewards)
     if center_rewards_coefficient:
-        centering = ((chosen_rewards + rejected_rewards) ** 2).mean()
-        loss = loss + center_rewards_coefficient * centering
-        metrics["centering_loss"] = centering.detach().float()
+        squares = (chosen_rewards + rejected_rewards) ** 2
+        loss = loss + center_rewards_coefficient * squares.sum() / denom
+        metrics["centering_loss"] = squares.mean().detach().float()
     return loss, metrics

@@ -53,9 +53,10 @@ def as_assistant_turn(completion: Any) -> list[dict[str, Any]]:
     return [{"role": "assistant", "content": str(completion)}]
 
 
-def _prompt_text_for_encoder(tokenizer: Any, prompt: Any, completion: Any) -> tuple[str, str | None]:
+def _prompt_text_for_encoder(tokenizer: Any, prompt: Any, completion: Any,
+                             tools: Any = None) -> tuple[str, str | None]:
     if is_conversation(prompt):
-        return render_chat(tokenizer, list(prompt) + as_assistant_turn(completion)), None
+        return render_chat(tokenizer, list(prompt) + as_assistant_turn(completion), tools=tools), None
     return str(prompt), completion if isinstance(completion, str) else _join_contents(completion)
 
 
@@ -63,8 +64,12 @@ def _join_contents(messages: Any) -> str:
     return "".join(str(m.get("content") or "") for m in messages)
 
 
-def encode_outcome(tokenizer: Any, prompt: Any, completion: Any, *, max_length: int | None = None) -> dict[str, Any]:
+def encode_outcome(tokenizer: Any, prompt: Any, completion: Any, *, max_length: int | None = None,
+                   tools: Any = None) -> dict[str, Any]:
     """Token ids of one (prompt, completion) pair for an outcome reward model: `{"input_ids", "truncated"}`.
+
+    `tools` (tool schemas: a list of dicts or a JSON string) are rendered by the chat template of a
+    conversational pair, as in the policy's training; plain-text pairs have no template to render them.
 
     An empty prompt (``""`` or ``[]``) scores the completion alone. Truncation to `max_length` keeps the
     end of the completion visible where it can: a decoder prompt keeps its last
@@ -72,7 +77,7 @@ def encode_outcome(tokenizer: Any, prompt: Any, completion: Any, *, max_length: 
     right; an encoder pair is truncated longest-first by the tokenizer (CLS/SEP kept).
     """
     if is_encoder_tokenizer(tokenizer):
-        first, second = _prompt_text_for_encoder(tokenizer, prompt, completion)
+        first, second = _prompt_text_for_encoder(tokenizer, prompt, completion, tools)
         if second is not None and not first:
             first, second = second, None
         enc = tokenizer(first, second, add_special_tokens=True)
@@ -81,7 +86,7 @@ def encode_outcome(tokenizer: Any, prompt: Any, completion: Any, *, max_length: 
             enc = tokenizer(first, second, add_special_tokens=True, truncation="longest_first", max_length=max_length)
         return {"input_ids": list(enc["input_ids"]), "truncated": max_length is not None and full > max_length}
     if is_conversation(prompt) or (isinstance(prompt, (list, tuple)) and not prompt and is_conversation(completion)):
-        out = tokenize_prompt_completion(tokenizer, list(prompt), as_assistant_turn(completion))
+        out = tokenize_prompt_completion(tokenizer, list(prompt), as_assistant_turn(completion), tools=tools)
     else:
         text = completion if isinstance(completion, str) else _join_contents(completion)
         out = tokenize_prompt_completion(tokenizer, str(prompt) if prompt else "", text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -18,6 +19,9 @@ import torch
 from ..data import DatasetKind, FormatInfo, split_implicit_prompt, validate_dataset
 from ..models import load_model
 from ..ops.attention import use_varlen_attention
+from ..ops.forward import prediction_mask
+from ._loss_items import LossItemsMixin
+from ..losses.dpo import chosen_nll
 from ._preference import SequenceCollator, SequenceLogps, sequence_logps, tokenize_completions
 from ._reference import (
     check_distinct_reference, dataset_content_hash, model_fingerprint, precompute_columns, reference_context,
@@ -65,8 +69,13 @@ class ReferenceConfig(PreferenceConfig):
                                 "(default: $HF_DATASETS_CACHE/posttrain_ref_logps)."})
 
 
-class PreferenceTrainerBase(PostTrainer):
-    """Shared machinery; subclasses set ``uses_reference`` and ``ref_columns`` and write ``compute_loss``."""
+class PreferenceTrainerBase(LossItemsMixin, PostTrainer):
+    """Shared machinery; subclasses set ``uses_reference`` and ``ref_columns`` and write ``compute_loss``.
+
+    Losses are sums over the batch's rows (pairs, or unpaired rows) divided by the optimizer step's row count,
+    and NLL terms sums over chosen tokens divided by the step's chosen-token count (``count_loss_items``), so
+    gradient accumulation does not change them.
+    """
 
     accepted_formats: ClassVar[Sequence[DatasetKind]] = (DatasetKind.PREFERENCE,)
     uses_reference: ClassVar[bool] = False
@@ -83,7 +92,6 @@ class PreferenceTrainerBase(PostTrainer):
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          **kwargs)
-        self.model_accepts_loss_kwargs = False  # losses are per-batch means already
         self.ref_model = None
         if self.uses_reference and not self._reference_free():
             self._setup_reference(ref_model)
@@ -96,7 +104,20 @@ class PreferenceTrainerBase(PostTrainer):
         # saying which row and field.
         if isinstance(dataset, (list, tuple, dict)) and not isinstance(dataset, datasets.DatasetDict):
             validate_dataset(dataset, self.accepted_formats)
-        return super().prepare_dataset(dataset, name)
+        tokenized = super().prepare_dataset(dataset, name)
+        return self.drop_rows_without_loss(tokenized, name, self._rows_with_loss(tokenized),
+                                           "no completion token has a prediction: an empty prompt before a "
+                                           "one-token completion")
+
+    def _rows_with_loss(self, tokenized: datasets.Dataset) -> list[bool]:
+        """Rows where some completion has a token with a prediction (the first token of a sequence has none)."""
+        table = tokenized.with_format("arrow")
+        prompts = [len(p) for p in table["prompt_ids"].to_pylist()]
+        keep = [False] * len(prompts)
+        for field_name in dict.fromkeys(c for _, c in self.seq_fields):
+            for i, ids in enumerate(table[field_name].to_pylist()):
+                keep[i] = keep[i] or len(ids) > (0 if prompts[i] else 1)
+        return keep
 
     def preprocess_dataset(self, dataset: datasets.Dataset, info: FormatInfo) -> datasets.Dataset:
         if info.kind is DatasetKind.PREFERENCE and info.implicit_prompt:
@@ -198,10 +219,35 @@ class PreferenceTrainerBase(PostTrainer):
             cache_key=key, cache_dir=getattr(self.args, "ref_logps_cache_dir", None),
             description=f"reference log-probs ({name})", show_progress=show)
 
+    # ------------------------------------------------------------------------------------------ loss
+    @property
+    def sequences_per_row(self) -> int:
+        """Sequences a dataset row adds to a batch: 2 for pairs (chosen, rejected), 1 for unpaired rows."""
+        return len(self.seq_fields)
+
+    def count_loss_items(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """``rows``: pairs (or unpaired rows), what the preference losses average over; ``chosen_tokens``:
+        completion tokens with a prediction in the first sequence group (the chosen responses), what the NLL
+        terms (RPO, CPO, ORPO) average over."""
+        rows = int(batch["num_sequences"]) // self.sequences_per_row
+        scored = prediction_mask(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
+                                 batch["completion_mask"])
+        seq = batch["seq_index"]
+        return {"rows": torch.tensor(rows), "chosen_tokens": (scored & (seq >= 0) & (seq < rows)).sum()}
+
     # --------------------------------------------------------------------------------------- forward
     def policy_logps(self, model: torch.nn.Module, inputs: dict[str, Any]) -> SequenceLogps:
         """Per-sequence policy log-probs of the whole collated batch in one forward."""
         return sequence_logps(model, inputs, chunk_size=self.args.logits_chunk_size, with_logits_mean=True)
+
+    def row_mean(self, losses: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+        """Per-row losses ``[B]`` summed and divided by the optimizer step's row count (this batch's in eval)."""
+        return losses.sum() / self.loss_denominator(num_items_in_batch, "rows", losses.numel()).to(losses.device)
+
+    def chosen_token_nll(self, out: SequenceLogps, n: int, num_items_in_batch: Any) -> torch.Tensor:
+        """NLL of the chosen responses (the first ``n`` sequences), token mean over the optimizer step."""
+        denom = self.loss_denominator(num_items_in_batch, "chosen_tokens", out.lengths[:n].sum())
+        return chosen_nll(out.logps[:n], out.lengths[:n], num_tokens=denom)
 
     def finish_loss(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], return_outputs: bool) -> Any:
         """Store this micro-batch's metrics and return what ``compute_loss`` must return."""

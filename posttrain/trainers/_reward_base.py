@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..models import load_model, unwrap_model
+from ._loss_items import LossItemsMixin
 from ._reward_heads import as_classifier, prepare_head
 from .base import PostTrainConfig, PostTrainer
 
@@ -42,13 +43,15 @@ class RewardHeadConfig(PostTrainConfig):
         super().__post_init__()
 
 
-class RewardHeadTrainer(PostTrainer):
+class RewardHeadTrainer(LossItemsMixin, PostTrainer):
     """Base of the reward-model trainers: a backbone with a `model_task` head of `num_labels` outputs.
 
     `model` may be a name or folder (loaded with the head; a checkpoint's own head is kept), a model object
     with the head already, or any causal LM object (rebuilt with a fresh head on the same backbone weights).
     The head is initialized N(0, 1/(hidden+1)) when new (seeded by `args.seed`), dropout is disabled, and a
-    PEFT config gets the head added to `modules_to_save` so that LoRA trains and saves it.
+    PEFT config gets the head added to `modules_to_save` so that LoRA trains and saves it. Losses are normalized
+    by the optimizer step's item counts (`count_loss_items`: pairs, steps), so gradient accumulation does not
+    change them.
     """
 
     model_task: ClassVar[str] = "seq-cls"
@@ -72,7 +75,6 @@ class RewardHeadTrainer(PostTrainer):
         )
         # A decoder head finds each row's last token through pad_token_id (rows are right-padded with it).
         unwrap_model(self.model).config.pad_token_id = self.tokenizer.pad_token_id
-        self.model_accepts_loss_kwargs = False
 
     def prepare_peft_config(self, model: torch.nn.Module, args: PostTrainConfig, peft_config: Any) -> Any:
         """The head's seeded init and dropout off, before PEFT; the PEFT config also trains and saves the head."""

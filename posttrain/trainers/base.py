@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..data import DatasetKind, FormatInfo, ensure_chat_template, load_any, validate_dataset
+from ..data import DatasetKind, FormatInfo, load_any, trainer_tokenizer, validate_dataset
 from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
 from ..ops.attention import use_varlen_attention
 from ..ops.memory import tune_cpu_allocator
@@ -147,11 +147,8 @@ class PostTrainer(Trainer):
         model = self.load_model(model, args)
         if processing_class is None:
             processing_class = load_tokenizer(self.model_id or model.name_or_path)
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        ensure_chat_template(tokenizer, args.chat_template)
-        self.tokenizer = tokenizer
+        # A copy where the pad token or the chat template must change: the caller's object is never modified.
+        processing_class, self.tokenizer = trainer_tokenizer(processing_class, args.chat_template)
         if args.padding_free or getattr(args, "packing", False):
             # Padding-free rows on SDPA/eager: per-sequence attention instead of a dense [T, T] block mask.
             use_varlen_attention(model)

@@ -80,7 +80,7 @@ class BCOTrainer(UnpairedTrainerBase):
         losses, metrics = bco_loss(out.logps, ref, inputs["label"], beta=args.beta, delta=delta,
                                    udm_weights=inputs.get("udm_weight"), desirable_weight=args.desirable_weight,
                                    undesirable_weight=args.undesirable_weight)
-        loss = losses.mean()
+        loss = self.row_mean(losses, num_items_in_batch)
         return self.finish_loss(loss, unpaired_summary(metrics), return_outputs)
 
     # The running reward mean is part of the training state: saved and restored with checkpoints.

@@ -47,11 +47,10 @@ class CPOTrainer(ReferenceFreeTrainerBase):
             label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma,
             chosen_lengths=out.lengths[:n], rejected_lengths=out.lengths[n:],
         )
-        loss = losses.mean()
-        nll = chosen_nll(out.logps[:n], out.lengths[:n])
+        loss = self.row_mean(losses, num_items_in_batch)
         if args.cpo_alpha:
-            loss = loss + args.cpo_alpha * nll
-        metrics["nll_loss"] = nll.detach()
+            loss = loss + args.cpo_alpha * self.chosen_token_nll(out, n, num_items_in_batch)
+        metrics["nll_loss"] = chosen_nll(out.logps[:n], out.lengths[:n]).detach()
         metrics.update(self.pair_logp_metrics(out, n))
         return self.finish_loss(loss, metrics, return_outputs)
 

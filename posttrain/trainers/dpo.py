@@ -119,11 +119,10 @@ class DPOTrainer(PreferenceTrainerBase):
             reference_free=args.reference_free, chosen_lengths=out.lengths[:n], rejected_lengths=out.lengths[n:],
             bco_delta=delta, discopop_tau=args.discopop_tau,
         )
-        loss = losses.mean()
+        loss = self.row_mean(losses, num_items_in_batch)
         if args.rpo_alpha is not None:
-            nll = chosen_nll(out.logps[:n], out.lengths[:n])
-            loss = loss + args.rpo_alpha * nll
-            metrics["nll_loss"] = nll.detach()
+            loss = loss + args.rpo_alpha * self.chosen_token_nll(out, n, num_items_in_batch)
+            metrics["nll_loss"] = chosen_nll(out.logps[:n], out.lengths[:n]).detach()
         metrics.update(self.pair_logp_metrics(out, n))
         return self.finish_loss(loss, metrics, return_outputs)
 

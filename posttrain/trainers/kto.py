@@ -65,7 +65,7 @@ class KTOTrainer(UnpairedTrainerBase):
             out.logps, ref_logps, inputs["label"], kl=kl, beta=args.beta, desirable_weight=args.desirable_weight,
             undesirable_weight=args.undesirable_weight, loss_type=args.loss_type,
         )
-        loss = losses.mean()
+        loss = self.row_mean(losses, num_items_in_batch)
         return self.finish_loss(loss, unpaired_summary(metrics), return_outputs)
 
 

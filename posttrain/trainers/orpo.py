@@ -35,9 +35,8 @@ class ORPOTrainer(ReferenceFreeTrainerBase):
         n = int(inputs["num_sequences"]) // 2
         out = self.policy_logps(model, inputs)
         losses, metrics = orpo_loss(out.logps[:n], out.logps[n:], out.lengths[:n], out.lengths[n:], beta=args.beta)
-        nll = chosen_nll(out.logps[:n], out.lengths[:n])
-        loss = nll + losses.mean()
-        metrics["nll_loss"] = nll.detach()
+        loss = self.chosen_token_nll(out, n, num_items_in_batch) + self.row_mean(losses, num_items_in_batch)
+        metrics["nll_loss"] = chosen_nll(out.logps[:n], out.lengths[:n]).detach()
         metrics.update(self.pair_logp_metrics(out, n))
         return self.finish_loss(loss, metrics, return_outputs)
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..data import DatasetKind, FormatInfo, PaddingCollator, load_any, validate_dataset
-from ..losses.prm import aggregate_step_scores, prm_loss
+from ..losses.prm import IGNORE_INDEX, aggregate_step_scores, last_step_mask, prm_loss
 from ..models import unwrap_model
 from ..online.reward_inputs import encode_steps
 from ..online.reward_model import score_steps, score_steps_batch
@@ -75,16 +75,35 @@ class PRMTrainer(RewardHeadTrainer):
         # Not named "labels": datasets.map would keep the input column's bool type for a same-named output.
         return {"input_ids": out["input_ids"], "step_labels": out["labels"], "truncated": out["truncated"]}
 
+    def prepare_dataset(self, dataset: Any, name: str):
+        """Tokenize, then drop (counted, reported) the rows truncation left without a labelled step."""
+        tokenized = super().prepare_dataset(dataset, name)
+        keep = [any(y != IGNORE_INDEX for y in labels)
+                for labels in tokenized.with_format("arrow")["step_labels"].to_pylist()]
+        return self.drop_rows_without_loss(tokenized, name, keep, "max_length cut off every step's separator")
+
     def make_collator(self) -> Any:
         """Right padding; `step_labels` pad with -100."""
         return PaddingCollator(pad_token_id=self.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------ loss
+    def _counted_steps(self, step_labels: torch.Tensor) -> torch.Tensor:
+        if self.args.train_on_last_step_only:
+            return last_step_mask(step_labels)
+        return step_labels != IGNORE_INDEX
+
+    def count_loss_items(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Labelled steps (the last of each row with `train_on_last_step_only`): what the loss averages over."""
+        return {"steps": self._counted_steps(batch["step_labels"]).sum()}
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """Per-step cross-entropy at the separator positions (`step_labels` != -100) of one forward."""
+        """Per-step cross-entropy at the separator positions (`step_labels` != -100) of one forward, averaged
+        over the optimizer step's labelled steps."""
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        loss, metrics = prm_loss(logits.float(), inputs["step_labels"], self.args.train_on_last_step_only)
+        steps = self.loss_denominator(num_items_in_batch, "steps", self._counted_steps(inputs["step_labels"]).sum())
+        loss, metrics = prm_loss(logits.float(), inputs["step_labels"], self.args.train_on_last_step_only,
+                                 num_steps=steps)
         self.store_metrics(metrics)
         return (loss, {"logits": logits}) if return_outputs else loss
 

@@ -87,8 +87,9 @@ class RewardTrainer(RewardHeadTrainer):
         if info.implicit_prompt:
             row = split_implicit_prompt(row)
         max_length = self.args.max_length
-        chosen = encode_outcome(self.tokenizer, row["prompt"], row["chosen"], max_length=max_length)
-        rejected = encode_outcome(self.tokenizer, row["prompt"], row["rejected"], max_length=max_length)
+        tools = row.get("tools")
+        chosen = encode_outcome(self.tokenizer, row["prompt"], row["chosen"], max_length=max_length, tools=tools)
+        rejected = encode_outcome(self.tokenizer, row["prompt"], row["rejected"], max_length=max_length, tools=tools)
         out = {
             "chosen_input_ids": chosen["input_ids"],
             "rejected_input_ids": rejected["input_ids"],
@@ -103,14 +104,20 @@ class RewardTrainer(RewardHeadTrainer):
         return RewardCollator(self.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------ loss
+    def count_loss_items(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Pairs: what the Bradley-Terry loss averages over."""
+        return {"pairs": torch.tensor(batch["input_ids"].shape[0] // 2)}
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """Bradley-Terry loss (margin, centering) on the scores of one `[2B, L]` forward, chosen rows first."""
+        """Bradley-Terry loss (margin, centering) on the scores of one `[2B, L]` forward, chosen rows first;
+        the mean is over the optimizer step's pairs."""
         rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0]
         chosen, rejected = rewards.float().chunk(2)
         loss, metrics = bradley_terry_loss(
             chosen, rejected, margin=inputs.get("margin"),
             center_rewards_coefficient=self.args.center_rewards_coefficient,
+            num_pairs=self.loss_denominator(num_items_in_batch, "pairs", chosen.numel()),
         )
         self.store_metrics(metrics)
         if return_outputs:

@@ -2,21 +2,38 @@
 
 Log-probs come from hidden states and the output head in chunks (`posttrain.ops`), so no
 `[batch, length, vocab]` logits tensor is ever held; batches are padding-free by default.
+
+Data, as TRL's SFTTrainer takes it: language modeling (`text`, or the column `dataset_text_field` names, or
+`messages`), prompt-completion, the text a `formatting_func(row) -> str` makes of each row, or a dataset
+already tokenized (`input_ids`, with optional `completion_mask`, `assistant_masks`, `attention_mask` and
+`labels`), which is used as is. The loss is the token mean over every completion token of the optimizer step
+(all micro-batches and processes), so gradient accumulation does not change it. Rows left with no token to
+train on are dropped before training, counted and reported.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import datasets
 import torch
 
-from ..data import DatasetKind, FormatInfo, PaddingCollator, PaddingFreeCollator, pack_dataset
-from ..data import tokenize_messages, tokenize_prompt_completion, tokenize_text
+from ..data import DatasetFormatError, DatasetKind, FormatInfo, PaddingCollator, PaddingFreeCollator, load_any
+from ..data import pack_dataset, tokenize_messages, tokenize_prompt_completion, tokenize_text, validate_dataset
 from ..losses.sft import sft_loss
 from ..ops import token_logps
+from ..ops.forward import prediction_mask
+from ._loss_items import LossItemsMixin
 from .base import PostTrainConfig, PostTrainer
 from .registry import register_method
+
+logger = logging.getLogger(__name__)
+
+EMPTY_ROW_REASON = ("none of their tokens is in the loss: e.g. a conversation without an assistant turn under "
+                    "assistant_only_loss, or a prompt that fills max_length")
 
 __all__ = ["SFTConfig", "SFTTrainer"]
 
@@ -26,7 +43,9 @@ class SFTConfig(PostTrainConfig):
     """Configuration of `SFTTrainer` (field names follow TRL's SFTConfig where they overlap)."""
 
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate of AdamW."})
-    dataset_text_field: str = field(default="text", metadata={"help": "Column holding plain text for language modeling."})
+    dataset_text_field: str = field(
+        default="text",
+        metadata={"help": "Column holding the text (or the conversation) of language-modeling rows."})
     padding_free: bool = field(
         default=True,
         metadata={"help": "Flatten each batch into one row with per-sequence position ids: no compute on padding, "
@@ -42,8 +61,9 @@ class SFTConfig(PostTrainConfig):
         metadata={"help": "Loss on completion tokens only for prompt-completion data. None: yes."},
     )
     assistant_only_loss: bool = field(
-        default=True,
-        metadata={"help": "Loss on assistant turns only for conversational language-modeling data."},
+        default=False,
+        metadata={"help": "Loss on assistant turns only for conversational language-modeling data (as TRL, off by "
+                  "default: the loss covers the whole conversation)."},
     )
     loss_type: str = field(
         default="nll",
@@ -58,24 +78,30 @@ class SFTConfig(PostTrainConfig):
         super().__post_init__()
 
 
-class SFTTrainer(PostTrainer):
-    """Supervised fine-tuning on language-modeling or prompt-completion data, plain or conversational."""
+class SFTTrainer(LossItemsMixin, PostTrainer):
+    """Supervised fine-tuning on language-modeling or prompt-completion data, plain or conversational, or on
+    already tokenized rows. TRL-shaped: `SFTTrainer(model, args, ..., formatting_func=None)`."""
 
-    accepted_formats: ClassVar = (DatasetKind.LANGUAGE_MODELING, DatasetKind.PROMPT_COMPLETION)
+    accepted_formats: ClassVar = (DatasetKind.LANGUAGE_MODELING, DatasetKind.PROMPT_COMPLETION, DatasetKind.TOKENIZED)
     config_class: ClassVar = SFTConfig
     _tag_names: ClassVar = ["posttrain", "sft"]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, formatting_func: Callable[[dict], str] | None = None, **kwargs: Any) -> None:
+        self.formatting_func = formatting_func  # prepare_dataset, run inside the base __init__, reads it
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if formatting_func is not None and config is not None and config.completion_only_loss:
+            raise ValueError("formatting_func turns every row into plain text, which has no completion to restrict "
+                             "the loss to: drop completion_only_loss=True or format the rows yourself")
         super().__init__(*args, **kwargs)
-        # We normalize per micro-batch ourselves; the Trainer then divides by the accumulation steps.
-        self.model_accepts_loss_kwargs = False
 
     # ------------------------------------------------------------------------------------------ data
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         args: SFTConfig = self.args
         tok = self.tokenizer
-        if info.kind == DatasetKind.PROMPT_COMPLETION:
-            out = tokenize_prompt_completion(tok, row["prompt"], row["completion"])
+        if info.kind == DatasetKind.TOKENIZED:
+            input_ids, mask = _pretokenized(row, completion_only=args.completion_only_loss is not False)
+        elif info.kind == DatasetKind.PROMPT_COMPLETION:
+            out = tokenize_prompt_completion(tok, row["prompt"], row["completion"], tools=row.get("tools"))
             input_ids = out["prompt_ids"] + out["completion_ids"]
             completion_only = args.completion_only_loss is not False
             mask = [0 if completion_only else 1] * len(out["prompt_ids"]) + [1] * len(out["completion_ids"])
@@ -84,15 +110,63 @@ class SFTTrainer(PostTrainer):
             input_ids = out["input_ids"]
             mask = out["assistant_mask"] if args.assistant_only_loss else [1] * len(input_ids)
         else:
-            input_ids = tokenize_text(tok, row[args.dataset_text_field])["input_ids"]
+            input_ids = tokenize_text(tok, row["text"])["input_ids"]
             mask = [1] * len(input_ids)
         truncated = args.max_length is not None and len(input_ids) > args.max_length
         if truncated:
             input_ids, mask = input_ids[: args.max_length], mask[: args.max_length]
         return {"input_ids": input_ids, "completion_mask": mask, "truncated": truncated}
 
+    def preprocess_dataset(self, dataset: datasets.Dataset, info: FormatInfo) -> datasets.Dataset:
+        if self.args.assistant_only_loss and info.kind is DatasetKind.LANGUAGE_MODELING and not info.conversational:
+            raise ValueError("assistant_only_loss=True needs conversational data (a 'messages' column); this "
+                             "dataset holds plain text, which has no assistant turns")
+        return dataset
+
+    def text_dataset(self, dataset: Any, name: str) -> datasets.Dataset:
+        """The dataset as the data pipeline reads it: `formatting_func` applied (each row becomes its `text`),
+        or the `dataset_text_field` column renamed to `text` (`messages` when it holds conversations). A dataset
+        already tokenized (`input_ids`) is returned as is."""
+        plain_columns = self.formatting_func is None and self.args.dataset_text_field in ("text", "messages")
+        if isinstance(dataset, (list, tuple, dict)) and plain_columns:
+            # Python rows are checked before Arrow conversion, which fails on a mistyped row without saying which.
+            validate_dataset(dataset, self.accepted_formats)
+        dataset = load_any(dataset)
+        columns = dataset.column_names
+        if "input_ids" in columns:
+            if self.formatting_func is not None:
+                logger.warning("%s: the dataset is already tokenized (it has 'input_ids'); formatting_func is "
+                               "not applied", name)
+            return dataset
+        if self.formatting_func is not None:
+            func = self.formatting_func
+
+            def format_row(row: dict, index: int) -> dict:
+                text = func(row)
+                if not isinstance(text, str):
+                    raise DatasetFormatError(f"row {index}: formatting_func must return a string (the row's text), "
+                                             f"got {type(text).__name__}")
+                return {"text": text}
+
+            return dataset.map(format_row, with_indices=True, remove_columns=columns,
+                               num_proc=self.args.dataset_num_proc, desc=f"Applying formatting_func to {name}")
+        text_field = self.args.dataset_text_field
+        if text_field in ("text", "messages"):
+            return dataset
+        if text_field not in columns:
+            raise DatasetFormatError(f"{name}: dataset_text_field={text_field!r} names no column of the dataset "
+                                     f"(columns: {sorted(columns)})")
+        first = next((v for v in dataset.with_format("arrow")[text_field].to_pylist() if v is not None), None)
+        target = "messages" if isinstance(first, list) else "text"
+        if target in columns:
+            dataset = dataset.remove_columns(target)
+        return dataset.rename_column(text_field, target)
+
     def prepare_dataset(self, dataset: Any, name: str):
-        tokenized = super().prepare_dataset(dataset, name)
+        tokenized = super().prepare_dataset(self.text_dataset(dataset, name), name)
+        # The first token of every sequence has no prediction, so a mask set only there trains nothing.
+        keep = [any(mask[1:]) for mask in tokenized.with_format("arrow")["completion_mask"].to_pylist()]
+        tokenized = self.drop_rows_without_loss(tokenized, name, keep, EMPTY_ROW_REASON)
         if self.args.packing:
             if self.args.max_length is None:
                 raise ValueError("packing=True needs max_length (the length of a packed row)")
@@ -106,6 +180,12 @@ class SFTTrainer(PostTrainer):
         return PaddingCollator(pad_token_id=pad_id)
 
     # ------------------------------------------------------------------------------------------ loss
+    def count_loss_items(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Completion tokens that have a prediction: what the token-mean loss averages over."""
+        mask = prediction_mask(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
+                               batch["completion_mask"])
+        return {"tokens": mask.sum()}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mask = inputs["completion_mask"].bool()
         out = token_logps(
@@ -119,7 +199,9 @@ class SFTTrainer(PostTrainer):
             chunk_size=self.args.logits_chunk_size,
         )
         mask = out.mask if getattr(out, "mask", None) is not None else mask
-        loss, metrics = sft_loss(out.logps, mask, dft=self.args.loss_type == "dft")
+        # Token mean over the optimizer step's completion tokens (all micro-batches, all processes).
+        n_items = self.loss_denominator(num_items_in_batch, "tokens", mask.sum())
+        loss, metrics = sft_loss(out.logps, mask, dft=self.args.loss_type == "dft", num_items=n_items)
         with torch.no_grad():
             n_tokens = mask.sum()
             if out.argmax is not None:
@@ -158,6 +240,33 @@ def _rows(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """A padding-free row's per-token values `[T, ...]` as one row per sequence `[S, max(lengths), ...]`, -100 after
     each sequence's end."""
     return torch.nn.utils.rnn.pad_sequence(list(flat.split(lengths)), batch_first=True, padding_value=-100)
+
+
+def _pretokenized(row: Mapping[str, Any], completion_only: bool) -> tuple[list[int], list[int]]:
+    """Token ids and loss mask of an already tokenized row: the positions outside `attention_mask` are dropped
+    (padding); the mask is `assistant_masks` and `labels != -100` where given, and `completion_mask` where
+    given unless `completion_only` is off (completion_only_loss=False)."""
+    ids = list(row["input_ids"])
+    mask = [1] * len(ids)
+    masks = [row.get("assistant_masks")]
+    if completion_only:
+        masks.append(row.get("completion_mask"))
+    labels = row.get("labels")
+    if labels is not None:
+        wrong = next((t for t, (i, y) in enumerate(zip(ids, labels)) if y != -100 and y != i), None)
+        if wrong is not None:
+            raise DatasetFormatError(f"'labels' differ from 'input_ids' at token {wrong} (label {labels[wrong]}, "
+                                     f"token {ids[wrong]}): SFT reads labels only as a mask (-100: no loss), "
+                                     "aligned with input_ids and not shifted")
+        masks.append([int(y != -100) for y in labels])
+    for extra in masks:
+        if extra is not None:
+            mask = [m & int(e) for m, e in zip(mask, extra)]
+    attention = row.get("attention_mask")
+    if attention is not None:
+        ids = [i for i, a in zip(ids, attention) if a]
+        mask = [m for m, a in zip(mask, attention) if a]
+    return ids, mask
 
 
 register_method(
