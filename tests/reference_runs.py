@@ -23,6 +23,9 @@ KEYS = ("loss", "reward", "kl", "reward_std", "entropy")
 #: what today's loop must reproduce; reward_std changed meaning on purpose (TRL's: the std over the whole
 #: batch, no longer the mean of the groups' stds), so it is recorded but not compared
 COMPARED = ("loss", "reward", "kl", "entropy")
+#: metrics renamed since the recording: (run, recorded name) -> today's name of the same quantity. RLOO's
+#: "kl" now has TRL's meaning (per-token mean); its former value, the mean sequence KL, is "kl/sequence_mean"
+RENAMED = {("rloo", "kl"): "kl/sequence_mean"}
 
 
 def text_length(prompts, completions, **kwargs):
@@ -63,7 +66,8 @@ def run(name: str) -> list[dict]:
         trainer.train()
     finally:
         torch.set_num_threads(before)
-    return [{k: h[k] for k in KEYS if k in h} for h in trainer.state.log_history if "loss" in h]
+    keys = KEYS + tuple(new for (run_name, _), new in RENAMED.items() if run_name == name)
+    return [{k: h[k] for k in keys if k in h} for h in trainer.state.log_history if "loss" in h]
 
 
 NAMES = ("grpo", "grpo_skip", "rloo")

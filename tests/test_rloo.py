@@ -55,7 +55,7 @@ def test_kl_in_reward_uses_sequence_kl_and_leave_one_out():
     shaped = [r - 0.5 * k for r, k in zip(rewards.tolist(), kl)]
     expected = [shaped[0] - shaped[1], shaped[1] - shaped[0], shaped[2] - shaped[3], shaped[3] - shaped[2]]
     assert adv.tolist() == pytest.approx(expected)
-    assert metrics["kl"] == pytest.approx(sum(kl) / 4)
+    assert metrics["kl"] == pytest.approx(sum(kl) / 8) and metrics["kl/sequence_mean"] == pytest.approx(sum(kl) / 4)
     # normalized advantages are whitened
     trainer.args.normalize_advantages = True
     adv, _ = trainer.compute_advantages(scored_with(rewards), _batch_for(trainer, rewards, old, ref))

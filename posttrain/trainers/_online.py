@@ -320,6 +320,7 @@ class OnlineTrainer(PostTrainer):
             self.timings["prepare"] += time.perf_counter() - start
             self.counts["completions"] += len(lengths)
             self.counts["completion_tokens"] += sum(lengths)
+            self.counts["tokens"] += sum(lengths) + sum(len(p) for p in rollout.prompt_ids)
         metrics.update(scored.metrics)
         metrics.update(self._rollout_metrics(scored))
         self.store_metrics(metrics, mode)
@@ -424,6 +425,14 @@ class OnlineTrainer(PostTrainer):
         rows = completions_table_rows(scored.prompts, scored.rollout.texts, per_func, adv.tolist(),
                                       args.num_completions_to_print)
         log_completions(rows, step, args.report_to)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds TRL's ``num_tokens``: prompt and completion tokens generated for training so far, over every
+        process (every process logs at the same point, so the gather stays in lockstep)."""
+        if not any(k.startswith("eval_") for k in logs):
+            local = torch.tensor([self.counts["tokens"]], dtype=torch.float64, device=self.args.device)
+            logs = {**logs, "num_tokens": float(self.accelerator.gather(local).sum())}
+        super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------- train
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:

@@ -79,7 +79,9 @@ class RLOOTrainer(OnlineTrainer):
                                                            batch_size=args.per_device_train_batch_size,
                                                            **self._logps_kwargs())
             kl = sequence_kl(batch.old_logps, batch.ref_logps, batch.completion_mask)
-            metrics["kl"] = float(kl.mean())
+            # TRL's meaning of "kl": the mean per-token KL over the batch's completion tokens
+            metrics["kl"] = float(kl.sum() / batch.completion_mask.sum().clamp(min=1))
+            metrics["kl/sequence_mean"] = float(kl.mean())
             rewards = rewards - args.beta * kl
             metrics["reward_with_kl"] = float(rewards.mean())
         adv = rloo_advantages(rewards.cpu(), args.num_generations, valid=scored.rewards.valid)
