@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from posttrain.online import reward_builtins as rb
-from posttrain.online.reward_builtins import (
+from posttrain.online.rewards import builtin as rb
+from posttrain.online.rewards.builtin import (
     answers_match_fallback, completion_text, extract_tag, make_accuracy_reward, make_arithmetic_reward,
     make_format_reward, make_length_reward, make_soft_overlong_reward,
 )
@@ -135,7 +135,7 @@ def test_resolve_builtin_dict_and_import_paths(tmp_path, monkeypatch):
 
 def test_reward_model_accepted_wherever_a_function_is():
     from posttrain.models.loading import load_model, load_tokenizer
-    from posttrain.online.reward_model import RewardModelScorer
+    from posttrain.online.rewards.reward_model import RewardModelScorer
 
     spec = "tiny:nano"
     model = load_model(spec, task="seq-cls")
@@ -301,3 +301,17 @@ def test_tensor_and_bool_outputs_accepted_and_weights_validated():
     with pytest.raises(ValueError, match="2 reward_weights for 1 reward functions"):
         RewardComposer([tens], reward_weights=[1.0, 2.0])
     assert RewardComposer([tens, tens]).names == ["tens", "tens_2"]
+
+
+def test_public_import_paths_of_the_rewards_package():
+    """The names users import keep working after rewards became one package: the composer API from
+    `posttrain.online.rewards`, the scorer also from the README's first path `posttrain.online.reward_model`."""
+    import posttrain
+    import posttrain.online.reward_model as old_path
+    from posttrain.online import rewards
+    from posttrain.online.rewards import compose, reward_model
+
+    assert rewards.RewardComposer is compose.RewardComposer is posttrain.RewardComposer
+    assert rewards.RewardFunctionError is compose.RewardFunctionError is posttrain.RewardFunctionError
+    assert rewards.RewardBatch is compose.RewardBatch
+    assert old_path.RewardModelScorer is rewards.RewardModelScorer is reward_model.RewardModelScorer

@@ -4,7 +4,7 @@ The contract (docs/internals.md): ``f(prompts, completions, completion_ids, **da
 list[float | None]``, one value per completion, ``None`` meaning "not applicable to this sample".
 Functions may be ``async``; a `RewardComposer` awaits all of them concurrently in one event loop.
 A reward model (a sequence-classification model, its path, or a scorer object with a ``score`` method)
-is accepted wherever a function is (see `posttrain.online.reward_scoring`).
+is accepted wherever a function is (see `posttrain.online.rewards.scoring`).
 
 Decision on samples where *every* function returned ``None``: their total is 0.0 (the NaN-aware sum
 TRL users expect), and the composer counts them (``rewards/all_none`` in the metrics) and warns once;
@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .reward_builtins import BUILTIN_REWARDS, completion_text
+from .builtin import BUILTIN_REWARDS, completion_text
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def resolve_reward_func(spec: Any, *, processing_class: Any = None, **context: A
     reward model, scored with ``processing_class`` or its own tokenizer). ``context`` (e.g.
     ``max_completion_length``) fills built-in factory arguments that the spec leaves out.
     """
-    from . import reward_scoring
+    from . import scoring as reward_scoring
 
     if isinstance(spec, dict):
         options = dict(spec)
