@@ -315,3 +315,19 @@ def test_public_import_paths_of_the_rewards_package():
     assert rewards.RewardFunctionError is compose.RewardFunctionError is posttrain.RewardFunctionError
     assert rewards.RewardBatch is compose.RewardBatch
     assert old_path.RewardModelScorer is rewards.RewardModelScorer is reward_model.RewardModelScorer
+
+
+def test_completion_text_reads_every_completion_form():
+    """One reader for strings, messages, message lists and content parts, shared by the built-in rewards,
+    the arithmetic task and the reward models (before, the task had its own with other edge cases)."""
+    from posttrain.data.messages import completion_text as home
+    from posttrain.tasks import extract_answer, format_reward
+
+    assert completion_text is home
+    assert home({"role": "assistant", "content": "x"}) == "x"
+    assert home([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == "a"
+    assert home([{"role": "assistant", "content": None}]) == "" and home([]) == "" and home(None) == ""
+    assert home({"role": "assistant", "content": [{"type": "text", "text": "<answer>4</answer>"}]}) == "<answer>4</answer>"
+    assert home(["plain", "last"]) == "last" and home(7) == "7"
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "<answer>12</answer>"}]}]
+    assert extract_answer(parts) == "12" and format_reward([""], [parts]) == [1.0]

@@ -2,8 +2,9 @@
 
 Every function follows the reward contract ``f(prompts, completions, completion_ids, **columns) ->
 list[float | None]``. A completion is a string, or for conversational prompts a list of messages whose
-last one is the assistant's reply; `completion_text` gives the text either way. The ``make_*``
-factories build configured variants; `BUILTIN_REWARDS` maps the names usable from YAML to factories.
+last one is the assistant's reply; `posttrain.data.messages.completion_text` gives the text either way.
+The ``make_*`` factories build configured variants; `BUILTIN_REWARDS` maps the names usable from YAML to
+factories.
 """
 
 from __future__ import annotations
@@ -13,21 +14,9 @@ import re
 import threading
 from typing import Any, Callable, Sequence
 
+from ...data.messages import completion_text
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: the string itself, or the last message's content."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        completion = [completion]
-    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content", "")
-        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return str(content)
-    return str(completion)
 
 
 def extract_tag(text: str, tag: str) -> str | None:

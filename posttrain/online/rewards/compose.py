@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .builtin import BUILTIN_REWARDS, completion_text
+from ...data.messages import completion_text
+from .builtin import BUILTIN_REWARDS
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from ...data import ensure_chat_template
+from ...data.messages import completion_text
 from ...losses.prm import AGGREGATIONS, aggregate_step_scores, step_logits
-from .builtin import completion_text
 from .inputs import encode_outcome, encode_steps, pad_right, split_steps
 
 __all__ = ["RewardModelScorer", "score_outcomes", "score_steps", "score_steps_batch"]
