@@ -11,11 +11,12 @@ import torch
 
 from posttrain.online.rewards import builtin as rb
 from posttrain.online.rewards.builtin import (
-    answers_match_fallback, completion_text, extract_tag, make_accuracy_reward, make_arithmetic_reward,
+    answers_match_fallback, completion_text, extract_tag, make_accuracy_reward,
     make_format_reward, make_length_reward, make_soft_overlong_reward,
 )
 from posttrain.online.rewards import RewardComposer, RewardFunctionError, resolve_reward_func
 from posttrain.tasks import Problem, solve  # imported here: the task module's import is the slow part
+from posttrain.tasks.rewards import make_arithmetic_reward
 
 # ----------------------------------------------------------------------------- built-ins
 
@@ -331,3 +332,20 @@ def test_completion_text_reads_every_completion_form():
     assert home(["plain", "last"]) == "last" and home(7) == "7"
     parts = [{"role": "assistant", "content": [{"type": "text", "text": "<answer>12</answer>"}]}]
     assert extract_answer(parts) == "12" and format_reward([""], [parts]) == [1.0]
+
+
+def test_every_builtin_name_resolves_generic_and_task_rewards():
+    """The names in the README still resolve after the task rewards moved to posttrain.tasks.rewards, and the
+    task rewards keep the names their metrics are logged under (rewards/arithmetic/mean, ...)."""
+    from posttrain.online.rewards.builtin import BUILTIN_REWARDS, builtin_names
+    from posttrain.online.rewards.compose import reward_func_name
+    from posttrain.tasks.rewards import TASK_REWARDS
+
+    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "length", "soft_overlong"}
+    assert set(TASK_REWARDS) == {"arithmetic", "arithmetic_format", "arithmetic_steps"}
+    assert builtin_names() == sorted([*BUILTIN_REWARDS, *TASK_REWARDS])
+    for name in builtin_names():
+        assert callable(resolve_reward_func(name, max_completion_length=16)), name
+    for name in TASK_REWARDS:
+        assert reward_func_name(resolve_reward_func(name)) == name
+        assert reward_func_name(resolve_reward_func({"name": name})) == name

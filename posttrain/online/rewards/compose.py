@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ...data.messages import completion_text
-from .builtin import BUILTIN_REWARDS
+from .builtin import builtin_factory, builtin_names
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +88,22 @@ def resolve_reward_func(spec: Any, *, processing_class: Any = None, **context: A
         name = options.pop("name", None)
         if name is None:
             raise ValueError(f"a reward given as a mapping needs a 'name' key, got {spec!r}")
-        if name in BUILTIN_REWARDS:
-            return _call_factory(BUILTIN_REWARDS[name], {**context, **options})
+        factory = builtin_factory(name)
+        if factory is not None:
+            return _call_factory(factory, {**context, **options})
         obj = _import_object(name)
         return obj(**options) if not reward_scoring.is_reward_model(obj) else obj
     if isinstance(spec, str):
-        if spec in BUILTIN_REWARDS:
-            return _call_factory(BUILTIN_REWARDS[spec], context)
+        factory = builtin_factory(spec)
+        if factory is not None:
+            return _call_factory(factory, context)
         try:
             obj = _import_object(spec)
         except ImportError as import_error:
             if reward_scoring.looks_like_model(spec):
                 return reward_scoring.model_reward(spec, processing_class)
             raise ValueError(
-                f"cannot resolve reward {spec!r}: not a built-in ({', '.join(sorted(BUILTIN_REWARDS))}), "
+                f"cannot resolve reward {spec!r}: not a built-in ({', '.join(builtin_names())}), "
                 f"not an importable 'package.module:func' ({import_error}), and not a model path"
             ) from None
         return resolve_reward_func(obj, processing_class=processing_class, **context)
