@@ -30,8 +30,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..ops.wrappers import unwrap_model
+
 from .engines import Rollout, RolloutEngine, SamplingParams, default_stop_token_ids, encode_prompts
-from .weights import base_model, iter_merged_weights, unwrap_parallel
+from .weights import iter_merged_weights
 
 __all__ = ["VLLMEngine", "vllm_available", "export_for_vllm"]
 
@@ -58,7 +60,7 @@ def export_for_vllm(model: nn.Module, folder: str | Path) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    base = base_model(model)
+    base = unwrap_model(model)
     if not getattr(base.config, "architectures", None):  # a model built in memory has none; vLLM needs it
         base.config.architectures = [type(base).__name__]
     base.config.save_pretrained(folder)
@@ -71,7 +73,7 @@ def export_for_vllm(model: nn.Module, folder: str | Path) -> Path:
 
 def _local_checkpoint(model: nn.Module) -> str | None:
     """The model's own folder, when it is a local checkpoint vLLM can read."""
-    path = getattr(getattr(base_model(model), "config", None), "_name_or_path", "") or ""
+    path = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or ""
     folder = Path(path)
     if path and folder.is_dir() and (folder / "config.json").exists() and \
             any(folder.glob("*.safetensors")):
@@ -128,7 +130,7 @@ class VLLMEngine(RolloutEngine):
         else:
             self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None \
                 else default_stop_token_ids(tokenizer, model)
-            gpu = _on_gpu(unwrap_parallel(model))
+            gpu = _on_gpu(unwrap_model(model, strip_peft=False))
             path = _local_checkpoint(model)
             if path is None:
                 self._tmpdir = tempfile.mkdtemp(prefix="posttrain-vllm-")

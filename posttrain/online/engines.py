@@ -30,6 +30,8 @@ from typing import Any, Mapping, Sequence, Union
 
 from torch import nn
 
+from ..ops.wrappers import unwrap_model
+
 __all__ = ["SamplingParams", "Rollout", "RolloutEngine", "OnlineEngineArgs", "make_engine", "encode_prompts",
            "default_stop_token_ids", "Prompt"]
 
@@ -158,8 +160,7 @@ def default_stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> li
 
     add(getattr(tokenizer, "eos_token_id", None))
     if model is not None:
-        from .weights import base_model
-        add(getattr(getattr(base_model(model), "generation_config", None), "eos_token_id", None))
+        add(getattr(getattr(unwrap_model(model), "generation_config", None), "eos_token_id", None))
     return ids
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops import token_logps, unwrap
+from ..ops import token_logps, unwrap_model
 
 
 @dataclass
@@ -44,7 +44,7 @@ def pad_values(values: Sequence[Sequence[float]], device: torch.device | str | N
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    return next(unwrap(model).parameters()).device
+    return next(unwrap_model(model).parameters()).device
 
 
 def completion_logps(
