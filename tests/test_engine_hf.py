@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 
 from posttrain.models import build_tiny
 from posttrain.online.engine_hf import HFEngine
-from posttrain.online.engines import (OnlineEngineArgs, Rollout, RolloutEngine, SamplingParams, encode_prompts,
-                                      make_engine)
+from posttrain.online.engine_factory import make_engine
+from posttrain.online.engines import OnlineEngineArgs, Rollout, RolloutEngine, SamplingParams, encode_prompts
 from posttrain.online.weights import chunk_weights, iter_merged_weights, weights_from_bytes, weights_to_bytes
 from posttrain.ops import token_logps
 

@@ -9,6 +9,9 @@ One interface (:class:`RolloutEngine`), three backends:
 - :class:`~posttrain.online.client.RolloutServerClient`: a ``posttrain serve`` process
   (``vllm_mode="server"``); weights travel over HTTP as safetensors bytes.
 
+This module is the interface the backends implement and import; it imports none of them.
+:func:`~posttrain.online.engine_factory.make_engine` picks and builds one from a config.
+
 Log-prob convention (every backend): ``Rollout.logprobs[i][t]`` is the log-probability of the sampled
 token under the distribution the sampler drew it from: the model's logits after repetition penalty,
 divided by the temperature, then restricted by min-p, top-k and top-p and renormalized. With the usual
@@ -32,7 +35,7 @@ from torch import nn
 
 from ..ops.wrappers import unwrap_model
 
-__all__ = ["SamplingParams", "Rollout", "RolloutEngine", "OnlineEngineArgs", "make_engine", "encode_prompts",
+__all__ = ["SamplingParams", "Rollout", "RolloutEngine", "OnlineEngineArgs", "encode_prompts",
            "default_stop_token_ids", "Prompt"]
 
 #: A prompt: plain text, a conversation (list of {"role", "content"} dicts) or token ids.
@@ -259,34 +262,3 @@ class OnlineEngineArgs:
             raise ValueError(f"generation_max_batch_size={self.generation_max_batch_size}: expected >= 1")
         if self.vllm_server_timeout <= 0:
             raise ValueError(f"vllm_server_timeout={self.vllm_server_timeout}: expected seconds > 0")
-
-
-def make_engine(args: Any, model: nn.Module, tokenizer: Any) -> RolloutEngine:
-    """The engine the config asks for: HF generate unless ``use_vllm``; then colocated vLLM or the server client.
-
-    ``args`` is any object with the :class:`OnlineEngineArgs` fields (missing ones take their defaults).
-    The vLLM engine and the server client get the model's current weights at creation.
-    """
-    defaults = OnlineEngineArgs()
-
-    def get(name: str) -> Any:
-        return getattr(args, name, getattr(defaults, name))
-
-    if not get("use_vllm"):
-        from .engine_hf import HFEngine
-        return HFEngine(model, tokenizer, max_batch_size=get("generation_max_batch_size"))
-    mode = get("vllm_mode")
-    if mode == "colocate":
-        from .engine_vllm import VLLMEngine
-        return VLLMEngine(model, tokenizer, gpu_memory_utilization=get("vllm_gpu_memory_utilization"),
-                          kv_cache_gb=get("vllm_kv_cache_gb"), dtype=get("vllm_dtype"),
-                          enforce_eager=get("vllm_enforce_eager"), max_model_len=get("vllm_max_model_len"),
-                          sync_every=get("vllm_sync_every"), seed=getattr(args, "seed", 0))
-    if mode == "server":
-        from .client import RolloutServerClient
-        client = RolloutServerClient(get("vllm_server_url"), tokenizer, timeout=get("vllm_server_timeout"),
-                                     sync_every=get("vllm_sync_every"),
-                                     stop_token_ids=default_stop_token_ids(tokenizer, model))
-        client.sync_weights(model, force=True)
-        return client
-    raise ValueError(f"vllm_mode={mode!r}: expected 'colocate' or 'server'")

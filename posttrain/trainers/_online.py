@@ -30,7 +30,8 @@ from ..data import DatasetKind, FormatInfo
 from ..losses.grpo import masked_mean
 from ..models import is_peft_model
 from ..online.completions_log import completions_table_rows, log_completions
-from ..online.engines import RolloutEngine, SamplingParams, encode_prompts, make_engine
+from ..online.engine_factory import make_engine
+from ..online.engines import RolloutEngine, SamplingParams, encode_prompts
 from ..online.logprobs import (batched_completion_logps, completion_logps, completion_mask, pad_values,
                                partial_grad_completion_logps)
 from ..online.rewards import RewardBatch, RewardComposer
