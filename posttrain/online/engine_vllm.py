@@ -81,21 +81,6 @@ def _local_checkpoint(model: nn.Module) -> str | None:
     return None
 
 
-def _stop_ids_from_folder(tokenizer: Any, path: str) -> list[int]:
-    """The tokenizer's EOS plus the EOS ids of the folder's generation config, when it has one."""
-    ids = default_stop_token_ids(tokenizer)
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(path).eos_token_id
-    except (OSError, ValueError):
-        return ids
-    for v in eos if isinstance(eos, (list, tuple)) else [eos]:
-        if v is not None and int(v) not in ids:
-            ids.append(int(v))
-    return ids
-
-
 def _refresh_tied_heads(model: nn.Module) -> None:
     """Re-run weight processing of vocab embeddings/heads: after a layerwise reload a tied ``lm_head``
     keeps the kernel prepared from the old embedding (on CPU its packed GEMM weights)."""
@@ -125,7 +110,7 @@ class VLLMEngine(RolloutEngine):
         if isinstance(model, str):
             path, gpu = model, torch.cuda.is_available()
             self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None \
-                else _stop_ids_from_folder(tokenizer, path)
+                else default_stop_token_ids(tokenizer, path)
             sync_on_start = False
         else:
             self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None \

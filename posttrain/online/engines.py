@@ -27,6 +27,7 @@ copy weights only every ``sync_every``-th call (``force=True`` copies now).
 from __future__ import annotations
 
 import abc
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence, Union
@@ -152,8 +153,17 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
     return out
 
 
-def default_stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
-    """The tokenizer's EOS plus the model generation config's EOS ids (e.g. a chat model's end of turn)."""
+def default_stop_token_ids(tokenizer: Any, model: nn.Module | str | os.PathLike | None = None, *,
+                           end_of_turn: bool = False) -> list[int]:
+    """The token ids that end a completion (the one place that decides them), in this order, each once:
+
+    - the tokenizer's EOS;
+    - the EOS ids of the model's generation config (e.g. a chat model's end of turn): a model object's
+      ``generation_config``, or for a checkpoint folder / hub name its ``generation_config.json`` when it has one;
+    - with ``end_of_turn``, the token with which the tokenizer's chat template closes an assistant turn
+      (`posttrain.data.end_of_turn`, e.g. ``<|im_end|>``), when that marker is one token: a conversation's
+      reply ends there even when the generation config does not say so.
+    """
     ids: list[int] = []
 
     def add(value: Any) -> None:
@@ -162,9 +172,29 @@ def default_stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> li
                 ids.append(int(v))
 
     add(getattr(tokenizer, "eos_token_id", None))
-    if model is not None:
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import GenerationConfig
+
+        try:
+            add(GenerationConfig.from_pretrained(os.fspath(model)).eos_token_id)
+        except (OSError, ValueError):  # no generation config there: the tokenizer's EOS only
+            pass
+    elif model is not None:
         add(getattr(getattr(unwrap_model(model), "generation_config", None), "eos_token_id", None))
+    if end_of_turn:
+        add(_end_of_turn_id(tokenizer))
     return ids
+
+
+def _end_of_turn_id(tokenizer: Any) -> int | None:
+    """The id of the chat template's end-of-turn marker, or None (no template, or the marker is not one token)."""
+    from ..data.templates import end_of_turn
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = end_of_turn(tokenizer)
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    return int(ids[0]) if len(ids) == 1 else None
 
 
 class RolloutEngine(abc.ABC):
