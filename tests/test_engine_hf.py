@@ -10,8 +10,9 @@ from peft import LoraConfig, get_peft_model
 
 from posttrain.models import build_tiny
 from posttrain.online.engine_hf import HFEngine
-from posttrain.online.engines import (OnlineEngineArgs, Rollout, RolloutEngine, SamplingParams, encode_prompts,
-                                      make_engine)
+from posttrain.online.engine_factory import make_engine
+from posttrain.online.engines import (OnlineEngineArgs, Rollout, RolloutEngine, SamplingParams, default_stop_token_ids,
+                                      encode_prompts)
 from posttrain.online.weights import chunk_weights, iter_merged_weights, weights_from_bytes, weights_to_bytes
 from posttrain.ops import token_logps
 
@@ -361,3 +362,20 @@ def test_decode_loop_on_each_decoder_family_matches_generate(tiny, kind, kv_deco
         for a, b in zip(loop.logprobs, ref.logprobs):
             assert a == pytest.approx(b, abs=1e-4)
     assert bool(steps) == kv_decoder
+
+
+def test_default_stop_token_ids_is_the_one_stop_rule(tiny, tmp_path):
+    """EOS, then the generation config's EOS ids (a model object, or a checkpoint folder), then, when asked,
+    the chat template's end-of-turn token; each once, in that order."""
+    model, tok = tiny
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert default_stop_token_ids(tok) == [tok.eos_token_id]
+    assert default_stop_token_ids(tok, model) == [tok.eos_token_id, im_end]  # tiny models stop on both
+    assert default_stop_token_ids(tok, end_of_turn=True) == [tok.eos_token_id, im_end]
+    model.save_pretrained(tmp_path / "ckpt")
+    assert default_stop_token_ids(tok, str(tmp_path / "ckpt")) == [tok.eos_token_id, im_end]
+    assert default_stop_token_ids(tok, str(tmp_path)) == [tok.eos_token_id]  # a folder without generation config
+    assert HFEngine(model, tok).stop_token_ids == default_stop_token_ids(tok, model)
+    plain = copy.copy(tok)
+    plain.chat_template = None
+    assert default_stop_token_ids(plain, end_of_turn=True) == [tok.eos_token_id]  # no template, no end of turn

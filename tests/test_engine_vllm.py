@@ -10,7 +10,8 @@ from peft import LoraConfig, get_peft_model
 
 from posttrain.models import build_tiny
 from posttrain.online.engine_hf import HFEngine
-from posttrain.online.engines import OnlineEngineArgs, SamplingParams, make_engine
+from posttrain.online.engine_factory import make_engine
+from posttrain.online.engines import OnlineEngineArgs, SamplingParams
 from posttrain.ops import token_logps
 
 pytestmark = pytest.mark.vllm

@@ -10,8 +10,8 @@ import torch
 
 from posttrain import (CPOConfig, CPOTrainer, DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, PRMConfig, PRMTrainer,
                        RewardConfig, RewardTrainer, SFTConfig, SFTTrainer)
-from posttrain.online.reward_inputs import encode_outcome
-from posttrain.online.reward_model import score_outcomes, score_steps_batch
+from posttrain.online.rewards.inputs import encode_outcome
+from posttrain.online.rewards.reward_model import score_outcomes, score_steps_batch
 from posttrain.tasks import ArithmeticTask
 from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
 

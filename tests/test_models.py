@@ -278,6 +278,40 @@ def test_peft_errors_and_wrappers():
     assert unwrap_model(wrapped) is model
 
 
+def test_one_unwrap_helper_sees_through_every_wrapper_and_keeps_peft_on_request():
+    """`unwrap_model` / `is_peft_model` are the one helper (ops/wrappers.py) that ops, the engines, the weight
+    sync and the trainers use: compile and parallel wrappers go, PEFT goes unless strip_peft=False."""
+    from peft import LoraConfig
+
+    import posttrain.ops as ops
+    from posttrain.ops import wrappers
+
+    assert unwrap_model is wrappers.unwrap_model is ops.unwrap_model and is_peft_model is wrappers.is_peft_model
+    model, _ = build_tiny("nano")
+    peft_model = apply_peft(model, LoraConfig(r=2, target_modules=["q_proj"]))
+
+    class Parallel(torch.nn.Module):  # DDP / DeepSpeed / FSDP: the model is `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    class Compiled(torch.nn.Module):  # torch.compile's OptimizedModule
+        def __init__(self, mod):
+            super().__init__()
+            self._orig_mod = mod
+
+    wrapped = Parallel(Compiled(peft_model))
+    assert unwrap_model(wrapped) is peft_model.get_base_model() is model
+    assert unwrap_model(wrapped, strip_peft=False) is peft_model
+    assert is_peft_model(wrapped) and is_peft_model(peft_model)
+    plain, _ = build_tiny("nano")
+    assert unwrap_model(Parallel(plain), strip_peft=False) is plain and not is_peft_model(Parallel(plain))
+    # a transformers model that carries a peft_config of its own (adapters loaded by transformers) is no
+    # PeftModel: it is not unwrapped further (the old duck-typed check in online/weights.py said it was)
+    plain.peft_config = {"default": object()}
+    assert not is_peft_model(plain) and unwrap_model(plain) is plain
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None,
                     reason="bitsandbytes is installed: its missing-package errors cannot occur")
 def test_qlora_without_bitsandbytes_is_a_clear_error():

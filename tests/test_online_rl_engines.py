@@ -10,7 +10,8 @@ import pytest
 
 from posttrain.models import build_tiny
 from posttrain.online.engine_hf import HFEngine
-from posttrain.online.engines import OnlineEngineArgs, SamplingParams, make_engine
+from posttrain.online.engine_factory import make_engine
+from posttrain.online.engines import OnlineEngineArgs, SamplingParams
 from posttrain.tasks import ArithmeticTask
 from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
 from posttrain.trainers.rloo import RLOOConfig, RLOOTrainer

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from posttrain.ops import argmax_tokens, output_head, selective_log_softmax, selective_log_softmax_ext, token_logps
-from posttrain.ops.forward import unwrap
+from posttrain.ops.wrappers import unwrap_model
 from posttrain.ops.logprobs import naive_log_softmax
 
 from _memory import peak_kib
@@ -270,7 +270,7 @@ def test_token_logps_through_peft_and_wrappers():
             return self.module(*args, **kwargs)
 
     wrapped = Wrapper(model)
-    assert unwrap(wrapped) is model.base_model.model
+    assert unwrap_model(wrapped) is model.base_model.model
     ids = torch.randint(0, 97, (2, 7))
     out = token_logps(wrapped, ids)
     ref, _, _ = shifted_full_logps(model, ids)

@@ -12,7 +12,7 @@ from datasets import Dataset
 from posttrain import PRMConfig, PRMTrainer
 from posttrain.data import DatasetFormatError
 from posttrain.models import build_tiny, load_tokenizer
-from posttrain.online.reward_inputs import encode_steps, separator_ids
+from posttrain.online.rewards.inputs import encode_steps, separator_ids
 from posttrain.tasks import ArithmeticTask
 from posttrain.trainers.prm import step_accuracy
 

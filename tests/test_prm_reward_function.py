@@ -10,7 +10,7 @@ import pytest
 
 from posttrain import PRMConfig, PRMTrainer
 from posttrain.losses import aggregate_step_scores
-from posttrain.online.reward_inputs import split_steps
+from posttrain.online.rewards.inputs import split_steps
 from posttrain.online.reward_model import RewardModelScorer
 from posttrain.online.rewards import resolve_reward_func
 from posttrain.tasks import ArithmeticTask

@@ -14,8 +14,8 @@ from datasets import Dataset
 from posttrain import RewardConfig, RewardTrainer
 from posttrain.data import DatasetFormatError
 from posttrain.models import build_tiny, load_model
-from posttrain.online.reward_inputs import encode_outcome
-from posttrain.online.reward_model import RewardModelScorer
+from posttrain.online.rewards.inputs import encode_outcome
+from posttrain.online.rewards.reward_model import RewardModelScorer
 from posttrain.tasks import ArithmeticTask
 from posttrain.trainers.reward import pairwise_accuracy
 

@@ -9,13 +9,14 @@ import time
 import pytest
 import torch
 
-from posttrain.online import reward_builtins as rb
-from posttrain.online.reward_builtins import (
-    answers_match_fallback, completion_text, extract_tag, make_accuracy_reward, make_arithmetic_reward,
+from posttrain.online.rewards import builtin as rb
+from posttrain.online.rewards.builtin import (
+    answers_match_fallback, completion_text, extract_tag, make_accuracy_reward,
     make_format_reward, make_length_reward, make_soft_overlong_reward,
 )
 from posttrain.online.rewards import RewardComposer, RewardFunctionError, resolve_reward_func
 from posttrain.tasks import Problem, solve  # imported here: the task module's import is the slow part
+from posttrain.tasks.rewards import make_arithmetic_reward
 
 # ----------------------------------------------------------------------------- built-ins
 
@@ -135,7 +136,7 @@ def test_resolve_builtin_dict_and_import_paths(tmp_path, monkeypatch):
 
 def test_reward_model_accepted_wherever_a_function_is():
     from posttrain.models.loading import load_model, load_tokenizer
-    from posttrain.online.reward_model import RewardModelScorer
+    from posttrain.online.rewards.reward_model import RewardModelScorer
 
     spec = "tiny:nano"
     model = load_model(spec, task="seq-cls")
@@ -301,3 +302,50 @@ def test_tensor_and_bool_outputs_accepted_and_weights_validated():
     with pytest.raises(ValueError, match="2 reward_weights for 1 reward functions"):
         RewardComposer([tens], reward_weights=[1.0, 2.0])
     assert RewardComposer([tens, tens]).names == ["tens", "tens_2"]
+
+
+def test_public_import_paths_of_the_rewards_package():
+    """The names users import keep working after rewards became one package: the composer API from
+    `posttrain.online.rewards`, the scorer also from the README's first path `posttrain.online.reward_model`."""
+    import posttrain
+    import posttrain.online.reward_model as old_path
+    from posttrain.online import rewards
+    from posttrain.online.rewards import compose, reward_model
+
+    assert rewards.RewardComposer is compose.RewardComposer is posttrain.RewardComposer
+    assert rewards.RewardFunctionError is compose.RewardFunctionError is posttrain.RewardFunctionError
+    assert rewards.RewardBatch is compose.RewardBatch
+    assert old_path.RewardModelScorer is rewards.RewardModelScorer is reward_model.RewardModelScorer
+
+
+def test_completion_text_reads_every_completion_form():
+    """One reader for strings, messages, message lists and content parts, shared by the built-in rewards,
+    the arithmetic task and the reward models (before, the task had its own with other edge cases)."""
+    from posttrain.data.messages import completion_text as home
+    from posttrain.tasks import extract_answer, format_reward
+
+    assert completion_text is home
+    assert home({"role": "assistant", "content": "x"}) == "x"
+    assert home([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == "a"
+    assert home([{"role": "assistant", "content": None}]) == "" and home([]) == "" and home(None) == ""
+    assert home({"role": "assistant", "content": [{"type": "text", "text": "<answer>4</answer>"}]}) == "<answer>4</answer>"
+    assert home(["plain", "last"]) == "last" and home(7) == "7"
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "<answer>12</answer>"}]}]
+    assert extract_answer(parts) == "12" and format_reward([""], [parts]) == [1.0]
+
+
+def test_every_builtin_name_resolves_generic_and_task_rewards():
+    """The names in the README still resolve after the task rewards moved to posttrain.tasks.rewards, and the
+    task rewards keep the names their metrics are logged under (rewards/arithmetic/mean, ...)."""
+    from posttrain.online.rewards.builtin import BUILTIN_REWARDS, builtin_names
+    from posttrain.online.rewards.compose import reward_func_name
+    from posttrain.tasks.rewards import TASK_REWARDS
+
+    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "length", "soft_overlong"}
+    assert set(TASK_REWARDS) == {"arithmetic", "arithmetic_format", "arithmetic_steps"}
+    assert builtin_names() == sorted([*BUILTIN_REWARDS, *TASK_REWARDS])
+    for name in builtin_names():
+        assert callable(resolve_reward_func(name, max_completion_length=16)), name
+    for name in TASK_REWARDS:
+        assert reward_func_name(resolve_reward_func(name)) == name
+        assert reward_func_name(resolve_reward_func({"name": name})) == name

@@ -11,7 +11,7 @@ from posttrain import PRMConfig, PRMTrainer, RewardConfig, RewardTrainer
 from posttrain.data import ensure_chat_template
 from posttrain.losses import aggregate_step_scores
 from posttrain.models import load_model, load_tokenizer
-from posttrain.online.reward_model import RewardModelScorer, score_steps
+from posttrain.online.rewards.reward_model import RewardModelScorer, score_steps
 from posttrain.tasks import ArithmeticTask
 
 

@@ -17,7 +17,8 @@ import torch
 from posttrain.models import build_tiny
 from posttrain.online.client import RolloutServerClient, RolloutServerError
 from posttrain.online.engine_hf import HFEngine
-from posttrain.online.engines import OnlineEngineArgs, SamplingParams, make_engine
+from posttrain.online.engine_factory import make_engine
+from posttrain.online.engines import OnlineEngineArgs, SamplingParams
 
 from _server_helpers import start_server, wait_for
 

@@ -201,19 +201,59 @@ def test_exact_match_on_tiny_model():
 
 
 def test_exact_match_scores_a_perfect_model():
-    """A model that always emits the right solution must score 1.0: stub generate with the true answers."""
+    """A model that always emits the right solution must score 1.0. Evaluation decodes through a rollout
+    engine, so the stand-in for the perfect model is an engine that answers with the true solutions; it also
+    sees what evaluation asks for: greedy decoding, the token budget, one completion per prompt."""
+    from posttrain.online.engines import Rollout, RolloutEngine
+
     model, tok = build_tiny("nano")
     ds = ArithmeticTask(digits=2, seed=7).prompt_only(5)
+    asked = []
+
+    class PerfectEngine(RolloutEngine):
+        samples_from_policy = True
+
+        def generate(self, prompts, params):
+            asked.append(params)
+            texts = [solve(Problem(*map(int, re.findall(r"\d+", q)))).text for q in prompts]
+            ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+            return Rollout(prompt_index=list(range(len(prompts))), prompt_ids=[tok(q)["input_ids"] for q in prompts],
+                           completion_ids=ids, texts=texts, logprobs=[[0.0] * len(i) for i in ids],
+                           truncated=[False] * len(ids)).check()
+
+    assert exact_match(model, tok, ds, batch_size=2, engine=PerfectEngine()) == 1.0
+    (params,) = asked
+    assert params.greedy and params.n == 1 and params.max_new_tokens == 64
+
+
+def test_greedy_completions_are_model_generate_greedy_through_the_engine():
+    """Evaluation decodes through the HF rollout engine; on a model with varied outputs it gives what a plain
+    greedy `model.generate` gives (left padding, stop at EOS or <|im_end|>), plain and conversational."""
     import torch
 
-    def fake_generate(input_ids, attention_mask=None, **kwargs):
-        rows = []
-        for ids in input_ids.tolist():
-            q = tok.decode(ids, skip_special_tokens=True)
-            a, b = map(int, re.findall(r"\d+", q))
-            rows.append(ids + tok(solve(Problem(a, b)).text, add_special_tokens=False)["input_ids"])
-        width = max(map(len, rows))
-        return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    from posttrain.tasks.evaluate import greedy_completions
 
-    model.generate = fake_generate
-    assert exact_match(model, tok, ds, batch_size=2) == 1.0
+    model, tok = build_tiny("nano", seed=3)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # random weights of a larger scale than the init: diverse, not repetitive outputs
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    stops = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+
+    def generate_greedy(texts):
+        tok.padding_side = "left"
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        tok.padding_side = "right"
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=stops, temperature=None, top_p=None, top_k=None)
+        return [tok.decode(row, skip_special_tokens=True) for row in out[:, enc["input_ids"].shape[1]:].tolist()]
+
+    plain = ArithmeticTask(digits=2).prompt_only(6)["prompt"]
+    conv = ArithmeticTask(digits=2, conversational=True).prompt_only(4)["prompt"]
+    rendered = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conv]
+    got_plain = greedy_completions(model, tok, plain, max_new_tokens=12, batch_size=4)
+    assert len(set(got_plain)) > 1
+    assert got_plain == [generate_greedy([t])[0] for t in plain]
+    assert greedy_completions(model, tok, conv, max_new_tokens=12) == [generate_greedy([t])[0] for t in rendered]

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .padding_free import packed_position_ids
+
 _SKIP = ("seq_lens",)
 
 
@@ -162,7 +164,7 @@ class PaddingFreeCollator:
             values = [x for r in rows for x in _as_list(r[key])]
             _mark_sequence_starts(values, key, starts)
             out[key] = torch.tensor([values])
-        out["position_ids"] = torch.tensor([[p for n in seq_lens for p in range(n)]])
+        out["position_ids"] = torch.tensor([packed_position_ids(seq_lens)])
         out["seq_lens"] = seq_lens
         if self.block_mask:
             out["attention_mask"] = packed_attention_mask(seq_lens, self.mask_dtype)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import datasets
 
+from .padding_free import packed_position_ids
+
 
 class _MinFitTree:
     """Counts of open bins per remaining capacity 0..max_length, answering "smallest capacity >= n that has a
@@ -110,6 +112,6 @@ def pack_dataset(
     for bin_ in pack_bfd(lengths, max_length):
         for c in columns:
             out[c].append([x for i in bin_ for x in data[c][i]])
-        out["position_ids"].append([p for i in bin_ for p in range(lengths[i])])
+        out["position_ids"].append(packed_position_ids([lengths[i] for i in bin_]))
         out["seq_lens"].append([lengths[i] for i in bin_])
     return datasets.Dataset.from_dict(out)

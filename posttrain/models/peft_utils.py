@@ -1,6 +1,7 @@
-"""PEFT (LoRA / QLoRA) helpers and wrapper stripping.
+"""PEFT (LoRA / QLoRA) helpers.
 
-Named `peft_utils` so it never shadows the `peft` package. Under PEFT the frozen base model is the
+Named `peft_utils` so it never shadows the `peft` package. Wrapper stripping (`unwrap_model`, `is_peft_model`)
+lives in `posttrain.ops.wrappers` and is re-exported here. Under PEFT the frozen base model is the
 reference policy: `adapters_disabled(model)` runs it without a second copy of the weights.
 """
 
@@ -11,6 +12,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+from ..ops.wrappers import is_peft_model, unwrap_model
 
 __all__ = ["adapters_disabled", "apply_peft", "is_peft_model", "merge_and_unload", "unwrap_model"]
 
@@ -85,31 +88,6 @@ def apply_peft(
         # checkpointed blocks need a grad-requiring input even though the embeddings are frozen
         base.enable_input_require_grads()
     return get_peft_model(base, config)
-
-
-def unwrap_model(model: torch.nn.Module, *, strip_peft: bool = True) -> torch.nn.Module:
-    """Strip DDP / DataParallel / DeepSpeed engine / FSDP (v1) / torch.compile wrappers, and by default
-    PEFT, down to the underlying transformers model.
-
-    Stripping PEFT returns the base model with the adapter layers still injected (so its forward still
-    applies the adapters); use `adapters_disabled` for the base output and `merge_and_unload` to fold them.
-    """
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":  # torch.compile
-            model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine",
-                                      "FullyShardedDataParallel", "PipelineEngine") and hasattr(model, "module"):
-            model = model.module
-        elif strip_peft and isinstance(model, PeftModel):
-            model = model.get_base_model()
-    return model
-
-
-def is_peft_model(model: torch.nn.Module) -> bool:
-    """True when `model` (possibly inside DDP/DeepSpeed/compile wrappers) is a `peft.PeftModel`."""
-    return isinstance(unwrap_model(model, strip_peft=False), PeftModel)
 
 
 @contextlib.contextmanager

@@ -29,8 +29,9 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops.forward import decoder_module, output_head, unwrap
+from ..ops.forward import decoder_module, output_head
 from ..ops.packed_linear import PackedLinear
+from ..ops.wrappers import unwrap_model
 from .decode_step import KVDecoder, supports_kv_decoder
 
 __all__ = ["supports_decode_loop", "decode", "DrawsTokens"]
@@ -45,7 +46,7 @@ class DrawsTokens(Protocol):
 
 def supports_decode_loop(model: nn.Module) -> bool:
     """Whether `decode` can run ``model``: a decoder-only LM with a plain linear head and a dynamic cache."""
-    base = unwrap(model)
+    base = unwrap_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
@@ -94,7 +95,7 @@ def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, processo
     the loop ends when every row has stopped or after ``max_new_tokens`` tokens. Llama-family decoders step on
     a preallocated cache (`KVDecoder`), others on the HF decoder's dynamic cache.
     """
-    base = unwrap(model)
+    base = unwrap_model(model)
     decoder = decoder_module(base)
     weight, bias = output_head(base)
     batch, length = input_ids.shape

@@ -33,9 +33,9 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from ..ops.attention import standard_attention
+from ..ops.wrappers import unwrap_model
 from .decode_loop import decode, supports_decode_loop
 from .engines import Rollout, RolloutEngine, SamplingParams, default_stop_token_ids, encode_prompts
-from .weights import base_model, unwrap_parallel
 
 __all__ = ["HFEngine", "SamplingProcessor", "sample_inverse_cdf"]
 
@@ -187,7 +187,7 @@ class HFEngine(RolloutEngine):
         # Length-sorted chunks pad little; results go back to row order.
         order = sorted(range(len(rows)), key=lambda r: len(prompt_ids[rows[r]]))
         stops = self._stops(params)
-        model = unwrap_parallel(self.model)
+        model = unwrap_model(self.model, strip_peft=False)
         device = next(model.parameters()).device
         completions: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] = [[] for _ in rows]
@@ -251,7 +251,7 @@ class HFEngine(RolloutEngine):
     def load_named_weights(self, pairs: Any) -> int:
         """Copy ``(name, tensor)`` pairs into the model's parameters by name (the rollout server's HF
         backend). Unknown names are an error naming them. Returns the number of tensors copied."""
-        model = base_model(self.model)
+        model = unwrap_model(self.model)
         count = 0
         with torch.no_grad():
             for name, tensor in pairs:

@@ -30,8 +30,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..ops.wrappers import unwrap_model
+
 from .engines import Rollout, RolloutEngine, SamplingParams, default_stop_token_ids, encode_prompts
-from .weights import base_model, iter_merged_weights, unwrap_parallel
+from .weights import iter_merged_weights
 
 __all__ = ["VLLMEngine", "vllm_available", "export_for_vllm"]
 
@@ -58,7 +60,7 @@ def export_for_vllm(model: nn.Module, folder: str | Path) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    base = base_model(model)
+    base = unwrap_model(model)
     if not getattr(base.config, "architectures", None):  # a model built in memory has none; vLLM needs it
         base.config.architectures = [type(base).__name__]
     base.config.save_pretrained(folder)
@@ -71,27 +73,12 @@ def export_for_vllm(model: nn.Module, folder: str | Path) -> Path:
 
 def _local_checkpoint(model: nn.Module) -> str | None:
     """The model's own folder, when it is a local checkpoint vLLM can read."""
-    path = getattr(getattr(base_model(model), "config", None), "_name_or_path", "") or ""
+    path = getattr(getattr(unwrap_model(model), "config", None), "_name_or_path", "") or ""
     folder = Path(path)
     if path and folder.is_dir() and (folder / "config.json").exists() and \
             any(folder.glob("*.safetensors")):
         return str(folder)
     return None
-
-
-def _stop_ids_from_folder(tokenizer: Any, path: str) -> list[int]:
-    """The tokenizer's EOS plus the EOS ids of the folder's generation config, when it has one."""
-    ids = default_stop_token_ids(tokenizer)
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(path).eos_token_id
-    except (OSError, ValueError):
-        return ids
-    for v in eos if isinstance(eos, (list, tuple)) else [eos]:
-        if v is not None and int(v) not in ids:
-            ids.append(int(v))
-    return ids
 
 
 def _refresh_tied_heads(model: nn.Module) -> None:
@@ -123,12 +110,12 @@ class VLLMEngine(RolloutEngine):
         if isinstance(model, str):
             path, gpu = model, torch.cuda.is_available()
             self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None \
-                else _stop_ids_from_folder(tokenizer, path)
+                else default_stop_token_ids(tokenizer, path)
             sync_on_start = False
         else:
             self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None \
                 else default_stop_token_ids(tokenizer, model)
-            gpu = _on_gpu(unwrap_parallel(model))
+            gpu = _on_gpu(unwrap_model(model, strip_peft=False))
             path = _local_checkpoint(model)
             if path is None:
                 self._tmpdir = tempfile.mkdtemp(prefix="posttrain-vllm-")

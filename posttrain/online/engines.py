@@ -9,6 +9,9 @@ One interface (:class:`RolloutEngine`), three backends:
 - :class:`~posttrain.online.client.RolloutServerClient`: a ``posttrain serve`` process
   (``vllm_mode="server"``); weights travel over HTTP as safetensors bytes.
 
+This module is the interface the backends implement and import; it imports none of them.
+:func:`~posttrain.online.engine_factory.make_engine` picks and builds one from a config.
+
 Log-prob convention (every backend): ``Rollout.logprobs[i][t]`` is the log-probability of the sampled
 token under the distribution the sampler drew it from: the model's logits after repetition penalty,
 divided by the temperature, then restricted by min-p, top-k and top-p and renormalized. With the usual
@@ -24,13 +27,16 @@ copy weights only every ``sync_every``-th call (``force=True`` copies now).
 from __future__ import annotations
 
 import abc
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Sequence, Union
 
 from torch import nn
 
-__all__ = ["SamplingParams", "Rollout", "RolloutEngine", "OnlineEngineArgs", "make_engine", "encode_prompts",
+from ..ops.wrappers import unwrap_model
+
+__all__ = ["SamplingParams", "Rollout", "RolloutEngine", "OnlineEngineArgs", "encode_prompts",
            "default_stop_token_ids", "Prompt"]
 
 #: A prompt: plain text, a conversation (list of {"role", "content"} dicts) or token ids.
@@ -147,8 +153,17 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
     return out
 
 
-def default_stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
-    """The tokenizer's EOS plus the model generation config's EOS ids (e.g. a chat model's end of turn)."""
+def default_stop_token_ids(tokenizer: Any, model: nn.Module | str | os.PathLike | None = None, *,
+                           end_of_turn: bool = False) -> list[int]:
+    """The token ids that end a completion (the one place that decides them), in this order, each once:
+
+    - the tokenizer's EOS;
+    - the EOS ids of the model's generation config (e.g. a chat model's end of turn): a model object's
+      ``generation_config``, or for a checkpoint folder / hub name its ``generation_config.json`` when it has one;
+    - with ``end_of_turn``, the token with which the tokenizer's chat template closes an assistant turn
+      (`posttrain.data.end_of_turn`, e.g. ``<|im_end|>``), when that marker is one token: a conversation's
+      reply ends there even when the generation config does not say so.
+    """
     ids: list[int] = []
 
     def add(value: Any) -> None:
@@ -157,10 +172,29 @@ def default_stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> li
                 ids.append(int(v))
 
     add(getattr(tokenizer, "eos_token_id", None))
-    if model is not None:
-        from .weights import base_model
-        add(getattr(getattr(base_model(model), "generation_config", None), "eos_token_id", None))
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import GenerationConfig
+
+        try:
+            add(GenerationConfig.from_pretrained(os.fspath(model)).eos_token_id)
+        except (OSError, ValueError):  # no generation config there: the tokenizer's EOS only
+            pass
+    elif model is not None:
+        add(getattr(getattr(unwrap_model(model), "generation_config", None), "eos_token_id", None))
+    if end_of_turn:
+        add(_end_of_turn_id(tokenizer))
     return ids
+
+
+def _end_of_turn_id(tokenizer: Any) -> int | None:
+    """The id of the chat template's end-of-turn marker, or None (no template, or the marker is not one token)."""
+    from ..data.templates import end_of_turn
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = end_of_turn(tokenizer)
+    ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    return int(ids[0]) if len(ids) == 1 else None
 
 
 class RolloutEngine(abc.ABC):
@@ -260,34 +294,3 @@ class OnlineEngineArgs:
             raise ValueError(f"generation_max_batch_size={self.generation_max_batch_size}: expected >= 1")
         if self.vllm_server_timeout <= 0:
             raise ValueError(f"vllm_server_timeout={self.vllm_server_timeout}: expected seconds > 0")
-
-
-def make_engine(args: Any, model: nn.Module, tokenizer: Any) -> RolloutEngine:
-    """The engine the config asks for: HF generate unless ``use_vllm``; then colocated vLLM or the server client.
-
-    ``args`` is any object with the :class:`OnlineEngineArgs` fields (missing ones take their defaults).
-    The vLLM engine and the server client get the model's current weights at creation.
-    """
-    defaults = OnlineEngineArgs()
-
-    def get(name: str) -> Any:
-        return getattr(args, name, getattr(defaults, name))
-
-    if not get("use_vllm"):
-        from .engine_hf import HFEngine
-        return HFEngine(model, tokenizer, max_batch_size=get("generation_max_batch_size"))
-    mode = get("vllm_mode")
-    if mode == "colocate":
-        from .engine_vllm import VLLMEngine
-        return VLLMEngine(model, tokenizer, gpu_memory_utilization=get("vllm_gpu_memory_utilization"),
-                          kv_cache_gb=get("vllm_kv_cache_gb"), dtype=get("vllm_dtype"),
-                          enforce_eager=get("vllm_enforce_eager"), max_model_len=get("vllm_max_model_len"),
-                          sync_every=get("vllm_sync_every"), seed=getattr(args, "seed", 0))
-    if mode == "server":
-        from .client import RolloutServerClient
-        client = RolloutServerClient(get("vllm_server_url"), tokenizer, timeout=get("vllm_server_timeout"),
-                                     sync_every=get("vllm_sync_every"),
-                                     stop_token_ids=default_stop_token_ids(tokenizer, model))
-        client.sync_weights(model, force=True)
-        return client
-    raise ValueError(f"vllm_mode={mode!r}: expected 'colocate' or 'server'")

@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops import token_logps, unwrap
+from ..data.padding_free import padding_free_row
+from ..ops import token_logps, unwrap_model
 
 
 @dataclass
@@ -44,7 +45,7 @@ def pad_values(values: Sequence[Sequence[float]], device: torch.device | str | N
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    return next(unwrap(model).parameters()).device
+    return next(unwrap_model(model).parameters()).device
 
 
 def completion_logps(
@@ -70,13 +71,11 @@ def completion_logps(
         raise ValueError("every prompt needs at least one token to predict its completion's first token from")
     device = _device(model)
     lengths = [len(c) for c in completion_ids]
-    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
     if padding_free:
-        input_ids = torch.tensor([[t for s in seqs for t in s]], device=device)
-        position_ids = torch.tensor([[i for s in seqs for i in range(len(s))]], device=device)
-        tok_mask = torch.tensor([[j >= len(p) for p, s in zip(prompt_ids, seqs) for j in range(len(s))]], device=device)
-        attention_mask = None
+        row = padding_free_row(prompt_ids, completion_ids, device=device)
+        input_ids, position_ids, tok_mask, attention_mask = row.input_ids, row.position_ids, row.completion_mask, None
     else:
+        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long, device=device)
         attention_mask = torch.zeros_like(input_ids)

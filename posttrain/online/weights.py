@@ -20,35 +20,12 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["unwrap_parallel", "is_peft_model", "base_model", "iter_merged_weights", "chunk_weights",
+from ..ops.wrappers import is_peft_model, unwrap_model
+
+__all__ = ["iter_merged_weights", "chunk_weights",
            "weights_to_bytes", "weights_from_bytes"]
 
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
-
-
-def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` (``_orig_mod``) and DDP / DeepSpeed (``.module``) wrappers; keep PEFT."""
-    for _ in range(16):
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module) and not is_peft_model(model):
-            model = model.module
-        else:
-            break
-    return model
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """True for a ``peft.PeftModel`` (duck-typed so that peft stays optional)."""
-    return hasattr(model, "peft_config") and isinstance(getattr(model, "base_model", None), nn.Module)
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside the wrappers (for PEFT: the adapter-injected ``base_model.model``)."""
-    model = unwrap_parallel(model)
-    if is_peft_model(model):
-        model = model.base_model.model
-    return model
 
 
 def _active_adapters(module: nn.Module) -> list[str]:
@@ -122,7 +99,7 @@ def iter_merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     are the live parameters (detached) except merged LoRA weights, which are fresh per-layer tensors.
     Under DeepSpeed ZeRO-3 / FSDP the parameters must be gathered first (not handled here).
     """
-    model = unwrap_parallel(model)
+    model = unwrap_model(model, strip_peft=False)
     if is_peft_model(model):
         yield from _iter_peft(model)
         return

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .wrappers import unwrap_model
+
 __all__ = ["VARLEN_ATTENTION", "varlen_sdpa_attention", "use_varlen_attention", "standard_attention", "sequence_starts"]
 
 VARLEN_ATTENTION = "posttrain_varlen"
@@ -119,7 +121,7 @@ def use_varlen_attention(model: nn.Module) -> bool:
 
 def _set_attention(model: nn.Module, name: str) -> None:
     """transformers' own switch where the model accepts `name`, else the config field it reads."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
+    inner = unwrap_model(model)  # PEFT, compile and parallel wrappers: the transformers model
     if hasattr(inner, "set_attn_implementation"):
         try:
             inner.set_attn_implementation(name)

@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from posttrain.ops.divergences import chunked_divergence
 from posttrain.ops.logprobs import selective_log_softmax_ext
+from posttrain.ops.wrappers import unwrap_model
 
 __all__ = ["TokenLogps", "token_logps", "token_divergence", "output_head", "decoder_module", "decoder_hidden_states",
-           "prediction_mask", "unwrap"]
+           "prediction_mask"]
 
 
 @dataclass
@@ -40,21 +41,6 @@ class TokenLogps:
     hidden: Tensor | None = None  # [B, L, H] decoder output, when return_hidden=True
     argmax: Tensor | None = None  # [B, L] long: argmax token predicted for position t (from t-1); -1 if none
     mask: Tensor | None = None  # [B, L] bool: where values were computed
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip ``torch.compile`` (``_orig_mod``), DDP / DeepSpeed (``.module``) and PEFT (``base_model.model``)."""
-    for _ in range(16):
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        elif hasattr(model, "peft_config") and isinstance(getattr(model, "base_model", None), nn.Module) \
-                and isinstance(getattr(model.base_model, "model", None), nn.Module):
-            model = model.base_model.model
-        else:
-            return model
-    return model
 
 
 def _active_module(head: nn.Module) -> nn.Module:
@@ -70,7 +56,7 @@ def _active_module(head: nn.Module) -> nn.Module:
 
 def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The output embedding's ``(weight [V, H], bias [V] | None)``; tied weights are the same Parameter."""
-    base = unwrap(model)
+    base = unwrap_model(model)
     config = getattr(base, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, attr, None) not in (None, 1, 1.0):
@@ -91,7 +77,7 @@ def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 def decoder_module(model: nn.Module) -> nn.Module:
     """The decoder stack under the LM head (``get_decoder()`` or ``.model``), wrappers stripped."""
-    base = unwrap(model)
+    base = unwrap_model(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
     if decoder is None or decoder is base:
         decoder = getattr(base, "model", None)
@@ -118,7 +104,7 @@ def _capture_hidden(model: nn.Module) -> Iterator[dict[str, Tensor]]:
 
 def _accepts(model: nn.Module, name: str) -> bool:
     try:
-        params = inspect.signature(unwrap(model).forward).parameters
+        params = inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
     return name in params

@@ -39,6 +39,8 @@ from typing import Any, Sequence
 
 import datasets
 
+from ..data.messages import completion_text
+
 __all__ = [
     "ERROR_KINDS",
     "ArithmeticTask",
@@ -169,20 +171,9 @@ def check_step(step: str) -> bool | None:
     return None
 
 
-def _text(completion: Any) -> str:
-    """A completion as text: a string, or the content of the last message of a conversation."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content") or "")
-    if isinstance(completion, (list, tuple)) and completion:
-        return _text(completion[-1])
-    return ""
-
-
 def extract_answer(text: Any) -> str | None:
     """Content of the last `<answer>...</answer>` (stripped), or None; accepts a string or messages."""
-    found = _ANSWER_RE.findall(_text(text))
+    found = _ANSWER_RE.findall(completion_text(text))
     return found[-1].strip() if found else None
 
 
@@ -207,7 +198,7 @@ def accuracy_reward(
 
 def format_reward(prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
     """1.0 when the completion is column steps (zero or more) then one `<answer>integer</answer>`, else 0.0."""
-    return [1.0 if _FORMAT_RE.match(_text(c)) and _text(c).count("<answer>") == 1 else 0.0 for c in completions]
+    return [1.0 if _FORMAT_RE.match(completion_text(c)) and completion_text(c).count("<answer>") == 1 else 0.0 for c in completions]
 
 
 class ArithmeticTask:

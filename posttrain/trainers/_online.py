@@ -39,7 +39,8 @@ from ..data import DatasetKind, FormatInfo
 from ..losses.grpo import masked_mean
 from ..ops import unwrap
 from ..online.completions_log import completions_table_rows, log_completions
-from ..online.engines import RolloutEngine, SamplingParams, encode_prompts, make_engine
+from ..online.engine_factory import make_engine
+from ..online.engines import RolloutEngine, SamplingParams, encode_prompts
 from ..online.logprobs import (batched_completion_logps, completion_logps, completion_mask, pad_values,
                                partial_grad_completion_logps)
 from ..online.pipeline import PromptStream, RolloutLoader, ScoredRollout

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from ..data import tokenize_prompt_completion
+from ..data.padding_free import padding_free_row
 from ..ops import token_logps
 from ..ops.forward import output_head
 
@@ -106,24 +107,11 @@ class SequenceCollator:
     def _pack(self, seqs: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
         """All sequences in one row ``[1, T]`` with ``position_ids`` restarting at 0 for each (the contract's
         padding-free layout; the varlen attention of :mod:`posttrain.ops.attention` keeps them apart)."""
-        total = sum(len(p) + len(c) for p, c in seqs)
-        width = self._row_length(total)
-        input_ids = torch.full((1, width), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((1, width), dtype=torch.long)
-        completion_mask = torch.zeros((1, width), dtype=torch.bool)
-        seq_index = torch.full((1, width), -1, dtype=torch.long)
-        start = 0
-        for i, (p, c) in enumerate(seqs):
-            n = len(p) + len(c)
-            input_ids[0, start:start + n] = torch.tensor(p + c, dtype=torch.long)
-            position_ids[0, start:start + n] = torch.arange(n)
-            completion_mask[0, start + len(p):start + n] = True
-            seq_index[0, start:start + n] = i
-            start += n
+        width = self._row_length(sum(len(p) + len(c) for p, c in seqs))
         # Trailing padding (pad_to_multiple_of) forms its own ignored segment: positions restart at 0.
-        position_ids[0, start:] = torch.arange(width - start)
-        return {"input_ids": input_ids, "position_ids": position_ids, "completion_mask": completion_mask,
-                "seq_index": seq_index}
+        row = padding_free_row([p for p, _ in seqs], [c for _, c in seqs], width=width, pad_token_id=self.pad_token_id)
+        return {"input_ids": row.input_ids, "position_ids": row.position_ids, "completion_mask": row.completion_mask,
+                "seq_index": row.seq_index}
 
     def _pad(self, seqs: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
         width = self._row_length(max(len(p) + len(c) for p, c in seqs))

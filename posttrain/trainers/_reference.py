@@ -31,8 +31,7 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
-from ..models import adapters_disabled, is_peft_model
-from ..ops import unwrap
+from ..models import adapters_disabled, is_peft_model, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ __all__ = ["check_distinct_reference", "frozen_copy", "reference_context", "reso
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A deep copy of ``model`` in eval mode with gradients off (the default reference policy)."""
-    ref = copy.deepcopy(unwrap(model))
+    ref = copy.deepcopy(unwrap_model(model))
     ref.eval()
     ref.requires_grad_(False)
     return ref
@@ -110,18 +109,11 @@ def reference_context(policy: torch.nn.Module, ref_model: torch.nn.Module | None
     with torch.no_grad():
         if ref_model is not None:
             yield ref_model
-        elif is_peft_model(unwrap_peft(policy)):
-            with adapters_disabled(unwrap_peft(policy)):
+        elif is_peft_model(policy):
+            with adapters_disabled(policy):
                 yield policy
         else:
             yield policy
-
-
-def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP/DeepSpeed wrappers but keep a PEFT model as it is."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
 
 
 def default_cache_dir() -> str:
@@ -152,7 +144,7 @@ def model_fingerprint(model: torch.nn.Module, *, exclude_adapters: bool = False)
     model would take seconds). ``exclude_adapters`` skips PEFT adapter weights (the reference of a PEFT
     model is its base, whatever the adapters' random initialization)."""
     h = hashlib.sha256()
-    base = unwrap(model)
+    base = unwrap_model(model)
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         h.update(config.to_json_string(use_diff=False).encode())
@@ -247,8 +239,8 @@ class SyncRefModelCallback(TrainerCallback):
 
     @torch.no_grad()
     def sync(self, model: torch.nn.Module) -> None:
-        policy = dict(unwrap(model).named_parameters())
-        for name, ref_p in unwrap(self.ref_model).named_parameters():
+        policy = dict(unwrap_model(model).named_parameters())
+        for name, ref_p in unwrap_model(self.ref_model).named_parameters():
             p = policy.get(name)
             if p is not None and p.shape == ref_p.shape:
                 ref_p.mul_(1 - self.alpha).add_(p.detach().to(ref_p.dtype), alpha=self.alpha)

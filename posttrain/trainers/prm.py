@@ -4,7 +4,7 @@ Stepwise data (`prompt`, `completions` = the steps, `labels` = one bool per step
 ``prompt + step_1 + sep + step_2 + sep + ...`` and the model is trained with a per-step binary
 cross-entropy at the last token of each separator (every other position is ignored), as in Lightman et
 al. 2023 ("Let's Verify Step by Step"). The loss lives in `posttrain.losses.prm`; the layout is shared with
-the inference side (`posttrain.online.reward_inputs`), where `score_steps` scores each step of a new
+the inference side (`posttrain.online.rewards.inputs`), where `score_steps` scores each step of a new
 solution and `aggregate_step_scores` reduces the step scores to one trajectory score (min, product, last).
 """
 
@@ -18,8 +18,8 @@ import torch
 from ..data import DatasetKind, FormatInfo, PaddingCollator, load_any, validate_dataset
 from ..losses.prm import IGNORE_INDEX, aggregate_step_scores, last_step_mask, prm_loss
 from ..models import unwrap_model
-from ..online.reward_inputs import encode_steps
-from ..online.reward_model import score_steps, score_steps_batch
+from ..online.rewards.inputs import encode_steps
+from ..online.rewards.reward_model import score_steps, score_steps_batch
 from ._reward_base import RewardHeadConfig, RewardHeadTrainer
 from .registry import register_method
 

@@ -3,7 +3,7 @@
 Any causal LM (the score is read at the last non-pad token) or encoder (BERT-like: read from the CLS
 pooler) becomes a reward model. Chosen and rejected sequences of a batch run in one forward pass.
 The loss (with the Llama 2 margin and the centering term) lives in `posttrain.losses.reward`; the text
-encoding is shared with the inference-side scorer (`posttrain.online.reward_inputs`), so a saved model
+encoding is shared with the inference-side scorer (`posttrain.online.rewards.inputs`), so a saved model
 scores completions through `posttrain.online.RewardModelScorer` exactly as it was trained.
 """
 
@@ -18,8 +18,8 @@ import torch
 
 from ..data import DatasetFormatError, DatasetKind, FormatInfo, load_any, split_implicit_prompt, validate_dataset
 from ..losses.reward import bradley_terry_loss
-from ..online.reward_inputs import encode_outcome, pad_right
-from ..online.reward_model import score_outcomes
+from ..online.rewards.inputs import encode_outcome, pad_right
+from ..online.rewards.reward_model import score_outcomes
 from ._reward_base import RewardHeadConfig, RewardHeadTrainer
 from .registry import register_method
 

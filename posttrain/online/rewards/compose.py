@@ -4,7 +4,7 @@ The contract (docs/internals.md): ``f(prompts, completions, completion_ids, **da
 list[float | None]``, one value per completion, ``None`` meaning "not applicable to this sample".
 Functions may be ``async``; a `RewardComposer` awaits all of them concurrently in one event loop.
 A reward model (a sequence-classification model, its path, or a scorer object with a ``score`` method)
-is accepted wherever a function is (see `posttrain.online.reward_scoring`).
+is accepted wherever a function is (see `posttrain.online.rewards.scoring`).
 
 Samples where *every* function returned ``None`` have a total of 0.0 but are marked invalid
 (`RewardBatch.valid`): as in TRL 1.16 they are left out of the group statistics and get advantage 0. The
@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .reward_builtins import BUILTIN_REWARDS, completion_text
+from ...data.messages import completion_text
+from .builtin import builtin_factory, builtin_names
 
 logger = logging.getLogger(__name__)
 
@@ -80,29 +81,31 @@ def resolve_reward_func(spec: Any, *, processing_class: Any = None, **context: A
     reward model, scored with ``processing_class`` or its own tokenizer). ``context`` (e.g.
     ``max_completion_length``) fills built-in factory arguments that the spec leaves out.
     """
-    from . import reward_scoring
+    from . import scoring as reward_scoring
 
     if isinstance(spec, dict):
         options = dict(spec)
         name = options.pop("name", None)
         if name is None:
             raise ValueError(f"a reward given as a mapping needs a 'name' key, got {spec!r}")
-        if name in BUILTIN_REWARDS:
-            return _call_factory(BUILTIN_REWARDS[name], {**context, **options})
+        factory = builtin_factory(name)
+        if factory is not None:
+            return _call_factory(factory, {**context, **options})
         obj = _import_object(name)
         if reward_scoring.is_reward_model(obj) and not inspect.isclass(obj):
             return obj  # an object that scores already; a class (RewardModelScorer) is built from the options
         return obj(**options)
     if isinstance(spec, str):
-        if spec in BUILTIN_REWARDS:
-            return _call_factory(BUILTIN_REWARDS[spec], context)
+        factory = builtin_factory(spec)
+        if factory is not None:
+            return _call_factory(factory, context)
         try:
             obj = _import_object(spec)
         except ImportError as import_error:
             if reward_scoring.looks_like_model(spec):
                 return reward_scoring.model_reward(spec, processing_class)
             raise ValueError(
-                f"cannot resolve reward {spec!r}: not a built-in ({', '.join(sorted(BUILTIN_REWARDS))}), "
+                f"cannot resolve reward {spec!r}: not a built-in ({', '.join(builtin_names())}), "
                 f"not an importable 'package.module:func' ({import_error}), and not a model path"
             ) from None
         return resolve_reward_func(obj, processing_class=processing_class, **context)

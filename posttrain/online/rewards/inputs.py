@@ -1,7 +1,7 @@
 """How a reward model sees its input: one encoding shared by training and scoring.
 
 `RewardTrainer`/`PRMTrainer` (trainers/) tokenize their datasets with these functions and
-`RewardModelScorer` (online/reward_model.py) tokenizes fresh completions with the same ones, so a trained
+`RewardModelScorer` (online/rewards/reward_model.py) tokenizes fresh completions with the same ones, so a trained
 reward model scores at inference exactly what it was trained on.
 
 Two kinds of backbone:
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..data import render_chat, tokenize_prompt_completion
+from ...data import render_chat, tokenize_prompt_completion
 
 __all__ = [
     "is_conversation",

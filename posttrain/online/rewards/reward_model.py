@@ -7,7 +7,7 @@ tokenizer and chat template, and follows the reward contract of docs/internals.m
     scorer(prompts, completions, completion_ids=None, **columns) -> list[float]
 
 Conversational prompts and completions are rendered through the *reward model's* chat template, whatever
-the policy's is. Inputs are encoded by `posttrain.online.reward_inputs`, the same functions the reward
+the policy's is. Inputs are encoded by `posttrain.online.rewards.inputs`, the same functions the reward
 trainers tokenize their data with, so a reward model scores at inference exactly what it was trained on.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from ..data import ensure_chat_template
-from ..losses.prm import AGGREGATIONS, aggregate_step_scores, step_logits
-from .reward_builtins import completion_text
-from .reward_inputs import encode_outcome, encode_steps, pad_right, split_steps
+from ...data import ensure_chat_template
+from ...data.messages import completion_text
+from ...losses.prm import AGGREGATIONS, aggregate_step_scores, step_logits
+from .inputs import encode_outcome, encode_steps, pad_right, split_steps
 
 __all__ = ["RewardModelScorer", "saved_kind", "score_outcomes", "score_steps", "score_steps_batch"]
 
@@ -194,7 +194,7 @@ class RewardModelScorer:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if aggregate not in AGGREGATIONS and aggregate != "prod":
             raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
-        from ..models import load_model, load_tokenizer
+        from ...models import load_model, load_tokenizer
 
         source = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else None
         found = saved_kind(source) if source is not None else _kind_of_model(model_or_path)

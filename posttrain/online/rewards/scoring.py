@@ -1,7 +1,7 @@
 """Reward models where a reward function is expected.
 
 A sequence-classification model object, a model folder / hub name / ``tiny:`` spec, a
-`posttrain.online.reward_model.RewardModelScorer`, or any object with a ``score(prompts, completions)``
+`posttrain.online.rewards.RewardModelScorer`, or any object with a ``score(prompts, completions)``
 method becomes a callable with the reward contract ``f(prompts, completions, completion_ids, **columns)``.
 Models are wrapped in `RewardModelScorer`, which encodes inputs exactly as the reward trainers did.
 """

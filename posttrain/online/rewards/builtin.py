@@ -1,9 +1,11 @@
-"""Built-in reward functions: answer accuracy, format, soft overlong punishment, length, the arithmetic task.
+"""Generic built-in reward functions: answer accuracy, format, soft overlong punishment, length.
 
 Every function follows the reward contract ``f(prompts, completions, completion_ids, **columns) ->
 list[float | None]``. A completion is a string, or for conversational prompts a list of messages whose
-last one is the assistant's reply; `completion_text` gives the text either way. The ``make_*``
-factories build configured variants; `BUILTIN_REWARDS` maps the names usable from YAML to factories.
+last one is the assistant's reply; `posttrain.data.messages.completion_text` gives the text either way.
+The ``make_*`` factories build configured variants; `BUILTIN_REWARDS` maps the names usable from YAML to
+factories; the built-in tasks' rewards (``arithmetic``, ...) live in `posttrain.tasks.rewards` and resolve
+by name through `builtin_factory` too.
 """
 
 from __future__ import annotations
@@ -13,21 +15,9 @@ import re
 import threading
 from typing import Any, Callable, Sequence
 
+from ...data.messages import completion_text
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: the string itself, or the last message's content."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        completion = [completion]
-    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content", "")
-        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return str(content)
-    return str(completion)
 
 
 def extract_tag(text: str, tag: str) -> str | None:
@@ -189,70 +179,26 @@ def make_length_reward(target_length: int | None = None, max_completion_length: 
     return length
 
 
-def make_arithmetic_reward() -> Callable:
-    """The built-in arithmetic task's reward (`posttrain.tasks.accuracy_reward`): 1.0 when the integer in
-    the completion's ``<answer>`` tags equals the ``answer`` column, else 0.0."""
-    from posttrain.tasks import accuracy_reward
-
-    def arithmetic(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
-                   **kwargs: Any) -> list[float | None]:
-        return accuracy_reward(prompts, completions, **kwargs)
-
-    return arithmetic
-
-
-def make_arithmetic_format_reward() -> Callable:
-    """The arithmetic task's format reward (`posttrain.tasks.format_reward`): 1.0 for column steps then
-    exactly one ``<answer>integer</answer>``, else 0.0."""
-    from posttrain.tasks import format_reward
-
-    def arithmetic_format(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
-                          **kwargs: Any) -> list[float | None]:
-        return format_reward(prompts, completions, **kwargs)
-
-    return arithmetic_format
-
-
-_QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
-
-
-def make_arithmetic_steps_reward() -> Callable:
-    """Partial credit on the arithmetic task: the share of the reference solution's steps (column steps
-    and the ``<answer>`` step) that the completion states, in order, exactly.
-
-    The problem is read from the prompt (``What is A + B?``); the reference steps come from
-    `posttrain.tasks.solve`. Dense where exact-match accuracy is sparse, so RL from a weak SFT model
-    still gets a signal. ``None`` for a prompt that is not an arithmetic question.
-    """
-    from posttrain.tasks import Problem, solve
-
-    def arithmetic_steps(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
-                         **kwargs: Any) -> list[float | None]:
-        out: list[float | None] = []
-        for prompt, completion in zip(prompts, completions):
-            match = _QUESTION.search(completion_text(prompt) if not isinstance(prompt, str) else prompt)
-            if match is None:
-                out.append(None)
-                continue
-            reference = solve(Problem(int(match[1]), int(match[3]), match[2])).steps
-            stated = re.split(r"(?<=\.)\s+|\s+(?=<answer>)", completion_text(completion).strip())
-            hits = sum(1 for k, step in enumerate(reference) if k < len(stated) and stated[k].strip() == step)
-            out.append(hits / len(reference))
-        return out
-
-    return arithmetic_steps
-
-
 BUILTIN_REWARDS: dict[str, Callable[..., Callable]] = {
     "accuracy": make_accuracy_reward,
     "format": make_format_reward,
     "soft_overlong": make_soft_overlong_reward,
     "length": make_length_reward,
-    "arithmetic": make_arithmetic_reward,
-    "arithmetic_format": make_arithmetic_format_reward,
-    "arithmetic_steps": make_arithmetic_steps_reward,
 }
 
 
+def builtin_factory(name: str) -> Callable[..., Callable] | None:
+    """The factory of a built-in reward name: a generic one here, or a built-in task's (`posttrain.tasks.rewards`,
+    e.g. ``arithmetic``); ``None`` for an unknown name."""
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
+    from ...tasks.rewards import TASK_REWARDS  # the tasks' own rewards, imported when a name asks for them
+
+    return TASK_REWARDS.get(name)
+
+
 def builtin_names() -> Sequence[str]:
-    return sorted(BUILTIN_REWARDS)
+    """Every built-in reward name, the generic ones and the built-in tasks'."""
+    from ...tasks.rewards import TASK_REWARDS
+
+    return sorted({**BUILTIN_REWARDS, **TASK_REWARDS})
