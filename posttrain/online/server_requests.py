@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .engines import SamplingParams, encode_prompts
-from .weights import _LAYER, base_model
+from ..ops.wrappers import unwrap_model
+from .weights import _LAYER
 
 __all__ = ["RequestError", "ServerLimits", "ModelFacts", "parse_json", "parse_generate", "parse_sampling",
            "parse_reset", "check_weight_header", "check_weight_values"]
@@ -113,7 +114,7 @@ class ModelFacts:
         specs = None
         vocab = None
         if model is not None:
-            model = base_model(model)
+            model = unwrap_model(model)
             config = getattr(model, "config", config)
             specs = {name: (tuple(p.shape), p.dtype) for name, p in model.named_parameters(remove_duplicate=False)}
             embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

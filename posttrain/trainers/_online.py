@@ -37,7 +37,7 @@ import torch
 
 from ..data import DatasetKind, FormatInfo
 from ..losses.grpo import masked_mean
-from ..ops import unwrap
+from ..ops import unwrap_model
 from ..online.completions_log import completions_table_rows, log_completions
 from ..online.engine_factory import make_engine
 from ..online.engines import RolloutEngine, SamplingParams, encode_prompts
@@ -130,7 +130,7 @@ class OnlineTrainer(PostTrainer):
                            "counted in data/truncated_prompts). Set max_prompt_length=None to keep whole prompts.",
                            args.max_prompt_length, cut, len(data))
         if args.max_completion_length is None:
-            context = getattr(unwrap(self.model).config, "max_position_embeddings", None)
+            context = getattr(unwrap_model(self.model).config, "max_position_embeddings", None)
             if context is None:
                 raise ValueError("max_completion_length=None needs a model config with max_position_embeddings; "
                                  "set max_completion_length to a number of tokens")

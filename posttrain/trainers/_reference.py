@@ -51,7 +51,7 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 def shares_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Whether two modules are the same object or hold a parameter tensor in common (also through PEFT or
     DDP wrappers, which keep the wrapped model's parameters)."""
-    if a is b or unwrap(a) is unwrap(b):
+    if a is b or unwrap_model(a) is unwrap_model(b):
         return True
     storage = {p.data_ptr() for p in a.parameters() if p.data_ptr() != 0}
     return any(p.data_ptr() in storage for p in b.parameters())
