@@ -88,7 +88,7 @@ def resolve_reference(
             raise ValueError(f"ref_model={ref_model!r} is a name or path, but nothing here can load it")
         ref_model = load(os.fspath(ref_model))
     if ref_model is None:
-        if is_peft_model(unwrap_peft(policy)) or not copy_policy:
+        if is_peft_model(policy) or not copy_policy:
             return None
         return frozen_copy(policy)
     if not isinstance(ref_model, torch.nn.Module):

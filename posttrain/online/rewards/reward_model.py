@@ -119,7 +119,7 @@ def score_steps(
 
 def _kind_of_model(model: torch.nn.Module) -> str | None:
     """``"process"`` for a token-classification model, ``"outcome"`` for a sequence-classification one."""
-    from ..models import unwrap_model
+    from ...models import unwrap_model
 
     return _kind_of_architecture(type(unwrap_model(model)).__name__)
 
