@@ -27,7 +27,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..data import DatasetKind, FormatInfo
-from ..losses.grpo import masked_mean
+from ..losses.policy_gradient import masked_mean
 from ..models import is_peft_model
 from ..online.completions_log import completions_table_rows, log_completions
 from ..online.engine_factory import make_engine
