@@ -2,150 +2,18 @@
 
 All per-token tensors are ``[B, L]`` and aligned with ``input_ids`` (see docs/internals.md): ``mask``
 marks the completion tokens whose log-probs count, so nothing here shifts. ``advantages`` is ``[B]``,
-one per completion. The building blocks (`k3_kl`, `truncated_importance_weights`, `clipped_objective`,
-`aggregate_token_loss`) are public so other online losses (RLOO, PPO) reuse them.
+one per completion. The building blocks (`masked_mean`, `k3_kl`, `truncated_importance_weights`,
+`clipped_objective`, `aggregate_token_loss`) live in `posttrain.losses.policy_gradient`, shared with RLOO.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo", "sequence_sum"]
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "sequence_sum")
+from .policy_gradient import (LOSS_TYPES, LossType, aggregate_token_loss, clip_metrics, clipped_objective,
+                              importance_metrics, k3_kl, masked_mean, truncated_importance_weights)
 
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is set (0 when the mask is empty)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimator of ``KL(pi || pi_ref)`` on tokens sampled from ``pi``::
-
-        kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
-
-    Non-negative, unbiased in expectation, and lower variance than ``logp - ref`` (Schulman 2020,
-    "Approximating KL Divergence"; used as GRPO's KL penalty by Shao et al. 2024, DeepSeekMath).
-    """
-    diff = ref_logps - logps
-    return torch.exp(diff) - diff - 1.0
-
-
-def truncated_importance_weights(
-    old_logps: torch.Tensor, sampler_logps: torch.Tensor, cap: float
-) -> torch.Tensor:
-    """Truncated importance-sampling weights correcting for sampler/trainer mismatch::
-
-        w_t = min(exp(old_logp_t - sampler_logp_t), cap)
-
-    The completions were sampled by an engine (vLLM, a rollout server) whose numerics or weights
-    differ slightly from the training model's; ``old_logp`` is the training model's log-prob of the same
-    token at generation time. Truncating at ``cap`` bounds the variance (truncated IS, Ionides 2008;
-    applied to RL for LLMs by Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
-    Off-Policy RL Training"). Detached: a weight, not a gradient path.
-    """
-    return torch.exp(old_logps.detach() - sampler_logps.detach()).clamp(max=cap)
-
-
-def clipped_objective(
-    ratio: torch.Tensor,
-    advantages: torch.Tensor,
-    epsilon: float,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-) -> torch.Tensor:
-    """PPO's clipped surrogate (to maximise), elementwise::
-
-        J = min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)
-
-    (Schulman et al. 2017, PPO). ``epsilon_high`` (default ``epsilon``) lets the upper bound differ
-    ("clip-higher", Yu et al. 2025, DAPO), so low-probability tokens with positive advantage can grow.
-    ``delta`` adds an upper clip ``min(r, delta)`` to the unclipped term, so a huge ratio on a
-    negative-advantage token cannot dominate the update either ("two-sided" clipping, as in
-    Team et al. 2025, INTELLECT-2).
-    """
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    unclipped_ratio = ratio.clamp(max=delta) if delta is not None else ratio
-    clipped_ratio = ratio.clamp(1.0 - epsilon, 1.0 + eps_high)
-    return torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)
-
-
-def aggregate_token_loss(
-    per_token: torch.Tensor,
-    mask: torch.Tensor,
-    loss_type: LossType,
-    *,
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reduce a ``[B, L]`` per-token loss to a scalar; ``loss_type`` picks the normaliser.
-
-    - ``grpo``, ``gspo``: mean over each sequence's tokens, then mean over sequences (Shao et al. 2024).
-      Long completions weigh less per token.
-    - ``bnpo``: mean over all completion tokens of the local batch.
-    - ``dr_grpo``: ``sum / (B * max_completion_length)``, a constant normaliser with no length bias
-      (Liu et al. 2025, Dr. GRPO).
-    - ``dapo``: token mean over the *global* batch: ``sum / num_items_in_batch``, the number of
-      completion tokens summed over every micro-batch and process that share one optimizer step
-      (Yu et al. 2025, DAPO); falls back to the local token count.
-    - ``sequence_sum``: sum over each sequence's tokens, mean over sequences: REINFORCE on the whole
-      sequence's log-prob, as RLOO treats a completion as one action (Ahmadian et al. 2024).
-    """
-    mask = mask.to(per_token.dtype)
-    masked = per_token * mask
-    if loss_type in ("grpo", "gspo"):
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        return masked.sum() / (per_token.shape[0] * max_completion_length)
-    if loss_type == "dapo":
-        denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        denom = torch.as_tensor(denom, dtype=per_token.dtype, device=per_token.device)
-        return masked.sum() / denom.clamp(min=1.0)
-    if loss_type == "sequence_sum":
-        return masked.sum(-1).mean()
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-
-
-def clip_metrics(
-    ratio: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    epsilon: float,
-    epsilon_high: float | None,
-) -> dict[str, torch.Tensor]:
-    """Share of completion tokens whose objective the clip made constant (no gradient).
-
-    ``low``: ``r < 1 - eps`` with ``A < 0``; ``high``: ``r > 1 + eps_high`` with ``A > 0``;
-    ``region``: either.
-    """
-    eps_high = epsilon if epsilon_high is None else epsilon_high
-    ratio = ratio.detach().expand_as(mask)
-    adv = advantages.expand_as(mask)
-    low = ((ratio < 1.0 - epsilon) & (adv < 0)).float()
-    high = ((ratio > 1.0 + eps_high) & (adv > 0)).float()
-    return {
-        "clip_ratio/low": masked_mean(low, mask),
-        "clip_ratio/high": masked_mean(high, mask),
-        "clip_ratio/region": masked_mean(torch.maximum(low, high), mask),
-    }
-
-
-def importance_metrics(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean, min and max of the importance weights over the completion tokens (detached)."""
-    on = mask.bool()
-    picked = weights.detach()[on] if on.any() else weights.new_ones(1)
-    return {
-        "is_weight/mean": masked_mean(weights.detach(), mask),
-        "is_weight/min": picked.min(),
-        "is_weight/max": picked.max(),
-    }
+__all__ = ["LOSS_TYPES", "grpo_loss"]
 
 
 def grpo_loss(

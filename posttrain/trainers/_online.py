@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..data import DatasetKind, FormatInfo
-from ..losses.grpo import masked_mean
+from ..losses.policy_gradient import masked_mean
 from ..ops import unwrap_model
 from ..online.completions_log import completions_table_rows, log_completions
 from ..online.engine_factory import make_engine
