@@ -57,7 +57,7 @@ def test_grpo_raises_mean_reward():
     print(f"GRPO HFEngine: reward {rewards[0]:.3f} -> {rewards[-1]:.3f}")
     assert rewards[0] < 0.05 and rewards[-1] > 0.5, rewards
     assert trainer.counts["completions"] == 32 * 16
-    for key in ("entropy", "frac_reward_zero_std", "completions/clipped_ratio", "clip_ratio/region",
+    for key in ("entropy", "frac_reward_zero_std", "completions/clipped_ratio", "clip_ratio/region_mean",
                 "rewards/digit_share/mean", "rewards/digit_share/std", "reward_std", "completions/max_length"):
         assert key in trainer.state.log_history[0], key
 
@@ -98,7 +98,7 @@ def test_reuse_of_one_generation_and_old_logps():
     assert engine.calls == 1
     assert trainer._loader.last_generation[0].old_logps is not None
     # the policy moved after the first steps: with a tiny epsilon some tokens get clipped
-    assert max(history(trainer, "clip_ratio/region")[1:]) > 0
+    assert max(history(trainer, "clip_ratio/region_mean")[1:]) > 0
 
 
 def test_importance_sampling_when_engine_is_not_the_policy_and_weight_sync():
@@ -113,9 +113,9 @@ def test_importance_sampling_when_engine_is_not_the_policy_and_weight_sync():
     # one forced push when the trainer adopts the engine, then one after every 2nd optimizer step
     assert engine.calls == 3 and engine.pushes == 2
     # the sampler here is the policy itself: its log-probs match the trainer's, so the weights are ~1
-    means = history(trainer, "is_weight/mean")
+    means = history(trainer, "sampling/importance_sampling_ratio/mean")
     assert len(means) == 3 and all(abs(m - 1) < 1e-3 for m in means), means
-    assert all(abs(m - 1) < 1e-3 for m in history(trainer, "is_weight/max"))
+    assert all(abs(m - 1) < 1e-3 for m in history(trainer, "sampling/importance_sampling_ratio/max"))
 
 
 def test_peft_reference_is_the_base_model_and_kl_is_logged():
@@ -181,7 +181,7 @@ def test_every_loss_type_is_reachable_from_the_config(loss_type):
                         epsilon_high=0.3, delta=1.5, max_completion_length=6,
                         num_items_in_batch=11.0 if loss_type == "dapo" else None)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
-    assert metrics["clip_ratio/region"] > 0 and metrics["kl"] > 0
+    assert metrics["clip_ratio/region_mean"] > 0 and metrics["kl"] > 0
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])

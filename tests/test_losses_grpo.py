@@ -162,9 +162,9 @@ def test_clipping_both_sides_and_metrics():
     assert grad[0].item() == 0.0 and grad[1].item() == 0.0
     assert grad[2].item() == pytest.approx(-(-1.0) * 1.5 / 4)  # d(-r*A)/dlogp = -r*A, bnpo mean over 4
     assert grad[3].item() == pytest.approx(-1.1 / 4)
-    assert metrics["clip_ratio/high"].item() == pytest.approx(0.25)
-    assert metrics["clip_ratio/low"].item() == pytest.approx(0.25)
-    assert metrics["clip_ratio/region"].item() == pytest.approx(0.5)
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.25)
+    assert metrics["clip_ratio/low_mean"].item() == pytest.approx(0.25)
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(0.5)
     assert loss.item() == pytest.approx(-(1.2 * 1 + 0.8 * -1 + 1.5 * -1 + 1.1 * 1) / 4)
 
 
@@ -172,7 +172,7 @@ def test_clip_higher_widens_only_the_upper_bound():
     _, m, grad = _one_token_each([1.25, 0.75], [1.0, -1.0], epsilon=0.2, epsilon_high=0.28)
     assert grad[0].item() != 0.0  # 1.25 < 1.28: still learning
     assert grad[1].item() == 0.0  # 0.75 < 0.8: lower bound unchanged
-    assert m["clip_ratio/high"].item() == 0.0 and m["clip_ratio/low"].item() == 0.5
+    assert m["clip_ratio/high_mean"].item() == 0.0 and m["clip_ratio/low_mean"].item() == 0.5
 
 
 def test_two_sided_delta_caps_negative_advantage_ratio():
@@ -201,7 +201,7 @@ def test_gspo_uses_sequence_geometric_mean_ratio():
     old3 = lp - 0.5 * mask
     loss3, m3 = grpo_loss(lp, adv, mask, old_logps=old3, loss_type="gspo", epsilon=0.2)
     assert loss3.item() == pytest.approx(-1.2 * 2.0)
-    assert m3["clip_ratio/high"].item() == 1.0
+    assert m3["clip_ratio/high_mean"].item() == 1.0
 
 
 def test_first_iteration_is_plain_policy_gradient():
@@ -216,7 +216,7 @@ def test_first_iteration_is_plain_policy_gradient():
             expected = -adv[i].item() / (n * B) if mask[i, t] else 0.0
             assert grad[i, t].item() == pytest.approx(expected)
     assert loss.item() == pytest.approx(-adv.mean().item())
-    assert m["clip_ratio/region"].item() == 0.0
+    assert m["clip_ratio/region_mean"].item() == 0.0
 
 
 def test_empty_completion_rows_do_not_produce_nan():

@@ -92,15 +92,15 @@ def test_clip_and_importance_metrics():
     mask = torch.tensor([[1, 1, 1, 1, 0]])  # the last token (clipped low but A > 0) is not a completion token
     m = clip_metrics(ratio, adv, mask, 0.2, None)
     # high: r > 1.2 with A > 0 (token 0); low: r < 0.8 with A < 0 (token 1); of 4 completion tokens
-    assert m["clip_ratio/high"].item() == 0.25 and m["clip_ratio/low"].item() == 0.25
-    assert m["clip_ratio/region"].item() == 0.5
-    assert clip_metrics(ratio, adv, mask, 0.2, 0.6)["clip_ratio/high"].item() == 0.0  # clip-higher: 1.5 < 1.6
+    assert m["clip_ratio/high_mean"].item() == 0.25 and m["clip_ratio/low_mean"].item() == 0.25
+    assert m["clip_ratio/region_mean"].item() == 0.5
+    assert clip_metrics(ratio, adv, mask, 0.2, 0.6)["clip_ratio/high_mean"].item() == 0.0  # clip-higher: 1.5 < 1.6
     w = torch.tensor([[0.5, 2.0, 1.0, 3.0]])
     im = importance_metrics(w, torch.tensor([[1, 1, 0, 1]]))
-    assert im["is_weight/mean"].item() == pytest.approx((0.5 + 2.0 + 3.0) / 3)
-    assert im["is_weight/min"].item() == 0.5 and im["is_weight/max"].item() == 3.0
+    assert im["sampling/importance_sampling_ratio/mean"].item() == pytest.approx((0.5 + 2.0 + 3.0) / 3)
+    assert im["sampling/importance_sampling_ratio/min"].item() == 0.5 and im["sampling/importance_sampling_ratio/max"].item() == 3.0
     empty = importance_metrics(w, torch.zeros(1, 4))
-    assert empty["is_weight/min"].item() == 1.0 and empty["is_weight/max"].item() == 1.0
+    assert empty["sampling/importance_sampling_ratio/min"].item() == 1.0 and empty["sampling/importance_sampling_ratio/max"].item() == 1.0
 
 
 def test_k3_kl_and_metric():
@@ -128,8 +128,8 @@ def test_truncated_importance_weights_and_metrics():
     assert w[0].tolist() == pytest.approx(expected)
     mask = torch.tensor([[0, 1, 1, 1]])
     _, m = grpo_loss(old.clone(), torch.ones(1), mask, old_logps=old, sampler_logps=sampler, is_cap=2.0)
-    assert m["is_weight/max"].item() == pytest.approx(2.0)
-    assert m["is_weight/min"].item() == pytest.approx(math.exp(-0.5))
-    assert m["is_weight/mean"].item() == pytest.approx(sum(expected[1:]) / 3)
+    assert m["sampling/importance_sampling_ratio/max"].item() == pytest.approx(2.0)
+    assert m["sampling/importance_sampling_ratio/min"].item() == pytest.approx(math.exp(-0.5))
+    assert m["sampling/importance_sampling_ratio/mean"].item() == pytest.approx(sum(expected[1:]) / 3)
 
 

@@ -335,3 +335,13 @@ def test_a_resumed_run_matches_the_uninterrupted_one(tmp_path):
         assert ("reward" in a) == ("reward" in b)
         if "reward" in a:
             assert a["reward"] == pytest.approx(b["reward"], rel=1e-5)
+
+
+def test_logged_metrics_average_except_min_and_max_keys():
+    trainer = GRPOTrainer("tiny:nano", text_length, _config(), train_dataset=_data())
+    for low, high in ((0.1, 0.2), (0.3, 0.9), (float("nan"), 0.4)):
+        trainer.store_metrics({"clip_ratio/low_mean": low, "clip_ratio/low_min": low, "clip_ratio/high_max": high,
+                               "sampling/importance_sampling_ratio/min": high}, "train")
+    logged = trainer._flush_metrics("train")
+    assert logged["clip_ratio/low_mean"] == pytest.approx(0.2) and logged["clip_ratio/low_min"] == 0.1
+    assert logged["clip_ratio/high_max"] == 0.9 and logged["sampling/importance_sampling_ratio/min"] == 0.2

@@ -45,7 +45,7 @@ def _check_learned_and_synced(trainer, tok) -> None:
     rewards = [h["reward"] for h in history if "reward" in h]
     print(f"{type(trainer).__name__} {type(trainer.engine).__name__}: reward {rewards[0]:.3f} -> {rewards[-1]:.3f}")
     assert rewards[0] < 0.1 and rewards[-1] > 0.5, rewards
-    weights = [h["is_weight/mean"] for h in history if "is_weight/mean" in h]
+    weights = [h["sampling/importance_sampling_ratio/mean"] for h in history if "sampling/importance_sampling_ratio/mean" in h]
     assert weights and all(0.9 < w <= 1.1 for w in weights), weights  # IS correction on; sampler ~ policy
     engine = trainer.engine
     assert engine.sync_count >= trainer.state.global_step

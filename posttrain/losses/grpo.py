@@ -53,8 +53,9 @@ def grpo_loss(
     eps_high = 4e-4); its IS weight is the sequence-level geometric mean as well, then aggregated as
     ``grpo``.
 
-    Returns ``(loss, metrics)``; metrics (detached) are ``clip_ratio/{low,high,region}``, ``kl`` when a
-    reference is used, and ``is_weight/{mean,min,max}`` when ``sampler_logps`` is given.
+    Returns ``(loss, metrics)``; metrics (detached, TRL's names) are ``clip_ratio/{low_mean, low_min,
+    high_mean, high_max, region_mean}``, ``kl`` when a reference is used, and ``sampling/*`` when
+    ``sampler_logps`` is given (see `importance_metrics`).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -77,7 +78,7 @@ def grpo_loss(
         else:
             weights = truncated_importance_weights(old, sampler_logps, is_cap)
         per_token = per_token * weights
-        metrics.update(importance_metrics(weights, maskf))
+        metrics.update(importance_metrics(weights, maskf, logp_diff=old.detach() - sampler_logps))
     if beta != 0.0 and ref_logps is not None:
         kl = k3_kl(logps, ref_logps)
         per_token = per_token + beta * kl

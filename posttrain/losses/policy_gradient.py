@@ -136,29 +136,40 @@ def clip_metrics(
     epsilon: float,
     epsilon_high: float | None,
 ) -> dict[str, torch.Tensor]:
-    """Share of completion tokens whose objective the clip made constant (no gradient).
+    """Share of completion tokens whose objective the clip made constant (no gradient), under TRL's names.
 
     ``low``: ``r < 1 - eps`` with ``A < 0``; ``high``: ``r > 1 + eps_high`` with ``A > 0``;
-    ``region``: either.
+    ``region``: either. ``clip_ratio/low_min`` and ``high_max`` carry the same value as the means; the
+    trainer's metric log reduces keys ending in ``_min`` / ``_max`` by min / max over micro-batches and
+    processes instead of averaging them.
     """
     eps_high = epsilon if epsilon_high is None else epsilon_high
     ratio = ratio.detach().expand_as(mask)
     adv = advantages.expand_as(mask)
     low = ((ratio < 1.0 - epsilon) & (adv < 0)).float()
     high = ((ratio > 1.0 + eps_high) & (adv > 0)).float()
+    low_share, high_share = masked_mean(low, mask), masked_mean(high, mask)
     return {
-        "clip_ratio/low": masked_mean(low, mask),
-        "clip_ratio/high": masked_mean(high, mask),
-        "clip_ratio/region": masked_mean(torch.maximum(low, high), mask),
+        "clip_ratio/low_mean": low_share, "clip_ratio/low_min": low_share,
+        "clip_ratio/high_mean": high_share, "clip_ratio/high_max": high_share,
+        "clip_ratio/region_mean": masked_mean(torch.maximum(low, high), mask),
     }
 
 
-def importance_metrics(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean, min and max of the importance weights over the completion tokens (detached)."""
+def importance_metrics(weights: torch.Tensor, mask: torch.Tensor, logp_diff: torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """TRL's sampling metrics over the completion tokens (detached): mean, min and max of the importance
+    weights applied (``sampling/importance_sampling_ratio/*``), and of ``|log pi - log q|``, the policy's
+    log-prob minus the sampler's (``sampling/sampling_logp_difference/{mean,max}``), when given."""
     on = mask.bool()
     picked = weights.detach()[on] if on.any() else weights.new_ones(1)
-    return {
-        "is_weight/mean": masked_mean(weights.detach(), mask),
-        "is_weight/min": picked.min(),
-        "is_weight/max": picked.max(),
+    out = {
+        "sampling/importance_sampling_ratio/mean": masked_mean(weights.detach(), mask),
+        "sampling/importance_sampling_ratio/min": picked.min(),
+        "sampling/importance_sampling_ratio/max": picked.max(),
     }
+    if logp_diff is not None:
+        diff = logp_diff.detach().abs()
+        out["sampling/sampling_logp_difference/mean"] = masked_mean(diff, mask)
+        out["sampling/sampling_logp_difference/max"] = diff[on].max() if on.any() else diff.new_zeros(())
+    return out

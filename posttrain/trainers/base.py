@@ -257,28 +257,38 @@ class PostTrainer(Trainer):
             bucket[key].append(float(value))
 
     def _flush_metrics(self, mode: str) -> dict[str, float]:
-        """Average (NaN-aware) and clear the stored metrics of `mode`, plus its running totals as they stand.
+        """Reduce (NaN-aware) and clear the stored metrics of `mode`, plus its running totals as they stand.
 
-        With several processes every process calls this at the same point (the Trainer logs on all of them),
-        and the averages are over all processes' values, not process 0's alone."""
-        sums: dict[str, list[float]] = {}
+        A metric is averaged over the logging interval, except keys ending in ``_min`` / ``/min`` (the minimum)
+        and ``_max`` / ``/max`` (the maximum). With several processes every process calls this at the same
+        point (the Trainer logs on all of them), and the reduction covers every process's values, not process
+        0's alone."""
+        stats: dict[str, list[float]] = {}  # key -> [sum, count, min, max]
         for key, values in self._metrics[mode].items():
             finite = [v for v in values if not math.isnan(v)]
-            sums[key] = [sum(finite), float(len(finite))]
+            if finite:
+                stats[key] = [sum(finite), float(len(finite)), min(finite), max(finite)]
         world = self.accelerator.num_processes if hasattr(self, "accelerator") else 1
         if world > 1:
             gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, sums)
-            sums = {}
+            torch.distributed.all_gather_object(gathered, stats)
+            stats = {}
             for part in gathered:
-                for key, (total, count) in part.items():
-                    acc = sums.setdefault(key, [0.0, 0.0])
-                    acc[0] += total
-                    acc[1] += count
-        averaged = {key: total / count for key, (total, count) in sums.items() if count}
-        averaged.update({k.split("/", 1)[1]: v for k, v in self._totals.items() if k.startswith(f"{mode}/")})
+                for key, (total, count, low, high) in part.items():
+                    acc = stats.setdefault(key, [0.0, 0.0, math.inf, -math.inf])
+                    acc[0], acc[1] = acc[0] + total, acc[1] + count
+                    acc[2], acc[3] = min(acc[2], low), max(acc[3], high)
+        reduced = {}
+        for key, (total, count, low, high) in stats.items():
+            if key.endswith(("_min", "/min")):
+                reduced[key] = low
+            elif key.endswith(("_max", "/max")):
+                reduced[key] = high
+            else:
+                reduced[key] = total / count
+        reduced.update({k.split("/", 1)[1]: v for k, v in self._totals.items() if k.startswith(f"{mode}/")})
         self._metrics[mode].clear()
-        return averaged
+        return reduced
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
