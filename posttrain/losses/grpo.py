@@ -50,6 +50,36 @@ def truncated_importance_weights(
     return torch.exp(old_logps.detach() - sampler_logps.detach()).clamp(max=cap)
 
 
+def masked_importance_weights(
+    old_logps: torch.Tensor, sampler_logps: torch.Tensor, low: float, high: float
+) -> torch.Tensor:
+    """Masked importance-sampling weights: the IS ratio where it lies in ``[low, high]``, 0 elsewhere::
+
+        rho_t = exp(old_logp_t - sampler_logp_t)
+        w_t   = rho_t  if low <= rho_t <= high  else 0
+
+    Unlike truncation (`truncated_importance_weights`), a token whose ratio is far outside the trust band
+    (a stale or mismatched sampler) is left out of the gradient instead of being kept at the cap: the
+    "masked IS" / token-level rejection of Yao et al. 2025 ("Your Efficient RL Framework Secretly Brings
+    You Off-Policy RL Training"; TRL's ``token_mask``), used for asynchronous, stale rollouts. Detached.
+    """
+    ratio = torch.exp(old_logps.detach() - sampler_logps.detach())
+    return torch.where((ratio >= low) & (ratio <= high), ratio, torch.zeros_like(ratio))
+
+
+def importance_weights(
+    old_logps: torch.Tensor, sampler_logps: torch.Tensor, mode: str = "truncate", *, cap: float = 2.0,
+    low: float = 0.0, high: float | None = None,
+) -> torch.Tensor:
+    """The sampler-correction weights of ``mode``: ``"truncate"`` (`truncated_importance_weights` at
+    ``cap``) or ``"mask"`` (`masked_importance_weights` outside ``[low, high]``, ``high`` default ``cap``)."""
+    if mode == "truncate":
+        return truncated_importance_weights(old_logps, sampler_logps, cap)
+    if mode == "mask":
+        return masked_importance_weights(old_logps, sampler_logps, low, cap if high is None else high)
+    raise ValueError(f"importance-sampling mode {mode!r}: expected 'truncate' or 'mask'")
+
+
 def clipped_objective(
     ratio: torch.Tensor,
     advantages: torch.Tensor,
@@ -164,6 +194,9 @@ def grpo_loss(
     is_cap: float = 2.0,
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    is_mode: str = "truncate",
+    is_low: float = 0.0,
+    is_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's clipped policy loss with optional KL penalty and importance-sampling correction.
 
@@ -177,7 +210,8 @@ def grpo_loss(
     and the gradient is the plain policy gradient, the ``num_iterations = 1`` case). ``kl3`` is `k3_kl`
     to ``ref_logps`` (skipped when ``beta == 0`` or no reference). ``w`` is
     `truncated_importance_weights` ``(old_logp, sampler_logp, is_cap)`` when ``sampler_logps`` is given,
-    else 1.
+    else 1; ``is_mode="mask"`` uses `masked_importance_weights` ``(old_logp, sampler_logp, is_low,
+    is_high)`` instead (0 outside the band).
 
     ``loss_type="gspo"`` replaces the token ratio with the sequence-level geometric mean
     ``s_i = exp(mean_t(logp_{i,t} - old_logp_{i,t}))``, clipped once per sequence (Zheng et al. 2025,
@@ -204,10 +238,11 @@ def grpo_loss(
     metrics: dict[str, torch.Tensor] = {}
     if sampler_logps is not None:
         if loss_type == "gspo":
-            gap = ((old.detach() - sampler_logps) * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)
-            weights = torch.exp(gap).clamp(max=is_cap).unsqueeze(-1).expand_as(logps)
+            gap = ((old.detach() - sampler_logps) * maskf).sum(-1, keepdim=True) / maskf.sum(-1, keepdim=True).clamp(min=1.0)
+            weights = importance_weights(gap, torch.zeros_like(gap), is_mode, cap=is_cap, low=is_low,
+                                         high=is_high).expand_as(logps)
         else:
-            weights = truncated_importance_weights(old, sampler_logps, is_cap)
+            weights = importance_weights(old, sampler_logps, is_mode, cap=is_cap, low=is_low, high=is_high)
         per_token = per_token * weights
         metrics.update(importance_metrics(weights, maskf))
     if beta != 0.0 and ref_logps is not None:
