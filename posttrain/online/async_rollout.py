@@ -280,10 +280,20 @@ class AsyncRolloutSource:
         self._raise_push_error()
         return done
 
+    def _worker_dead(self, grace: float = 0.0) -> bool:
+        """Whether our worker has exited; a request that just failed may see it a moment before the exit
+        is reaped, hence ``grace`` seconds of waiting."""
+        if self.worker is None:
+            return False
+        deadline = time.monotonic() + grace
+        while self.worker.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.worker.alive()
+
     def _raise_push_error(self) -> None:
         if self._push_error is not None:
             err, self._push_error = self._push_error, None
-            if self.worker is not None and not self.worker.alive():
+            if self._worker_dead(grace=2.0):
                 raise RolloutWorkerDied(f"the rollout worker died during a weight push: "
                                         f"{self.worker.describe_exit()}") from err
             raise RuntimeError(f"pushing weights to the rollout engine failed: {type(err).__name__}: {err}") from err
@@ -317,7 +327,7 @@ class AsyncRolloutSource:
                     raise RolloutWorkerDied(f"a generation request took more than {self.timeout:g} s "
                                             "(vllm_server_timeout)") from None
             except Exception as err:
-                if self.worker is not None and not self.worker.alive():
+                if self._worker_dead(grace=2.0):
                     raise RolloutWorkerDied(f"the rollout worker died during a generation request: "
                                             f"{self.worker.describe_exit()}") from err
                 raise
