@@ -136,6 +136,7 @@ class _Stats:
     dropped_completions: int = 0
     pushes: int = 0
     push_s: float = 0.0  # pusher thread: sending (incl. waiting for the request in flight)
+    snapshots: int = 0  # push_weights calls (the last may still be unsent when training stops)
     snapshot_s: float = 0.0  # training thread: serializing the weights
     superseded_pushes: int = 0
 
@@ -247,6 +248,7 @@ class AsyncRolloutSource:
                 self._push_next = (blobs, version)
                 self._push_cond.notify_all()
             self.stats.superseded_pushes += int(replaced)
+        self.stats.snapshots += 1
         self.stats.snapshot_s += time.perf_counter() - start
 
     def _push_loop(self) -> None:

@@ -100,7 +100,7 @@ class AsyncGeneration:
         if self.source is not None:
             unused = self.source.close()
             trainer._totals["train/async/unused_generations"] = float(unused)
-            trainer.counts["async_pushes"] = float(self.source.stats.pushes)
+            trainer.counts["async_weight_syncs"] += float(self.source.stats.snapshots)
         if trainer._engine is not None and self.source is not None:
             trainer._engine.close()
             trainer._engine, trainer._engine_ready = None, False
