@@ -10,9 +10,14 @@ those run without gradients, which leaves the update unchanged; ``--backward-all
 same work TRL does (a backward through every completion).
 
     python benchmarks/grpo_bench.py [--engines hf,vllm,server] [--steps 4] [--json out.json]
+    python benchmarks/grpo_bench.py --async [--engines hf] [--threads 2]   # sync hf vs async, same run
 
 Engines: ``hf`` (HF generate on the training model), ``vllm`` (vLLM colocated in this process),
-``server`` (a `posttrain serve --backend vllm` subprocess; its memory is included in peak RSS).
+``server`` (a `posttrain serve --backend vllm` subprocess; its memory is included in peak RSS);
+``async`` (``async_generation=True``: the trainer starts its own HF `posttrain serve` worker and trains on
+what a producer thread queues; the trainer and the worker run one torch thread each), ``async-vllm``
+(the same with a vLLM worker). ``--async`` adds ``async`` to the engines and reports its throughput
+against the first synchronous engine's: on 2 cores, compare it with the synchronous run on ``--threads 2``.
 
 On a machine shared with other jobs, pass ``--threads 1``: with more torch threads than free cores,
 OpenMP barriers wait on descheduled threads and HF generate ran ~7x slower (2 threads vs 1, measured).
@@ -33,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from common import RssSampler, print_report  # noqa: E402
 
 PHASES = ("generate", "score", "prepare", "train", "sync")
+ASYNC_PHASES = ("trainer_wait", "prepare", "train", "sync")  # what the training thread spends its time on
 
 
 def digit_share(prompts: list, completions: list[str], **kwargs: object) -> list[float]:
@@ -49,7 +55,10 @@ def run_engine(engine: str, args: argparse.Namespace, server_url: str | None) ->
 
     model, tokenizer = build_tiny(args.model.removeprefix("tiny:"), seed=0)
     engine_fields = {"hf": {}, "vllm": dict(use_vllm=True, vllm_mode="colocate", vllm_kv_cache_gb=1.0),
-                     "server": dict(use_vllm=True, vllm_mode="server", vllm_server_url=server_url)}[engine]
+                     "server": dict(use_vllm=True, vllm_mode="server", vllm_server_url=server_url),
+                     "async": dict(async_generation=True, vllm_server_timeout=600),
+                     "async-vllm": dict(async_generation=True, use_vllm=True, vllm_kv_cache_gb=1.0,
+                                        vllm_server_timeout=600)}[engine]
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="grpo-bench-"), num_generations=args.generations,
         per_device_train_batch_size=args.batch, max_completion_length=args.max_completion_length,
@@ -72,21 +81,30 @@ def run_engine(engine: str, args: argparse.Namespace, server_url: str | None) ->
     end = {"t": time.perf_counter(), **trainer.timings, **trainer.counts}
     start = marks["start"]
     wall = end["t"] - start["t"]
+    phases = ASYNC_PHASES if engine.startswith("async") else PHASES
     delta = {k: end.get(k, 0.0) - start.get(k, 0.0)
-             for k in (*PHASES, "completions", "completion_tokens", "trained_tokens", "completions_without_backward")}
+             for k in (*phases, "generator_idle", "completions", "completion_tokens", "trained_tokens",
+                       "completions_without_backward", "async_dropped_stale_generations")}
     trainer.close()
-    split = {p: round(delta[p], 2) for p in PHASES}
-    split["other (optimizer, logging)"] = round(wall - sum(delta[p] for p in PHASES), 2)
-    return {
+    split = {p: round(delta[p], 2) for p in phases}
+    split["other (optimizer, logging)"] = round(wall - sum(delta[p] for p in phases), 2)
+    out = {
         "completions/s": delta["completions"] / wall,
         "trained tokens/s": delta["trained_tokens"] / wall,
-        "generated tokens/s (generate phase)": delta["completion_tokens"] / max(delta["generate"], 1e-9),
         "seconds (measured steps)": round(wall, 2),
         "time split (s)": split,
         "share of completions with advantage 0 run without backward":
             round(delta["completions_without_backward"] / max(delta["completions"], 1), 3),
         "peak RSS (GiB, with children)": rss.peak_bytes / 2**30,
     }
+    if engine.startswith("async"):
+        out["trainer wait (s)"] = round(delta["trainer_wait"], 2)
+        out["generator idle (s)"] = round(delta["generator_idle"], 2)
+        out["stale generations dropped"] = delta["async_dropped_stale_generations"]
+        out["worker start (s, not measured)"] = round(end.get("worker_start", 0.0), 2)
+    else:
+        out["generated tokens/s (generate phase)"] = delta["completion_tokens"] / max(delta["generate"], 1e-9)
+    return out
 
 
 def export_for_peer(args: argparse.Namespace) -> None:
@@ -119,6 +137,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--backward-all-rows", action="store_true",
                         help="skip_zero_advantage_backward=False: run every completion with gradients, as TRL does")
+    parser.add_argument("--async", dest="run_async", action="store_true",
+                        help="also run async GRPO (own HF worker) and report its speed-up over the first engine")
     parser.add_argument("--json", default=None)
     parser.add_argument("--export", default=None,
                         help="write the model, prompts and settings here for benchmarks/peers/trl_grpo.py and stop")
@@ -134,7 +154,10 @@ def main() -> None:
     report: dict = {"settings": {"model": args.model, "completions/step": args.batch, "generations": args.generations,
                                  "max_completion_length": args.max_completion_length, "measured steps": args.steps,
                                  "torch threads": torch.get_num_threads()}}
-    for engine in [e.strip() for e in args.engines.split(",") if e.strip()]:
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.run_async and "async" not in engines:
+        engines.append("async")
+    for engine in engines:
         server = None
         try:
             if engine == "server":
@@ -147,6 +170,11 @@ def main() -> None:
         finally:
             if server is not None:
                 server.stop()
+    sync = next((e for e in engines if not e.startswith("async")), None)
+    for name in (e for e in engines if e.startswith("async")):
+        if sync and "completions/s" in report.get(sync, {}) and "completions/s" in report.get(name, {}):
+            report[f"{name} vs {sync}"] = {"throughput ratio": report[name]["completions/s"] /
+                                           report[sync]["completions/s"]}
     print_report(report, title="GRPO throughput by rollout engine")
     if args.json:
         with open(args.json, "w") as f:

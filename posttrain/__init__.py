@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
     "PRMTrainer": "posttrain.trainers.prm",
     "GRPOConfig": "posttrain.trainers.grpo",
     "GRPOTrainer": "posttrain.trainers.grpo",
+    "AsyncGRPOConfig": "posttrain.trainers.async_grpo",
+    "AsyncGRPOTrainer": "posttrain.trainers.async_grpo",
     "RLOOConfig": "posttrain.trainers.rloo",
     "RLOOTrainer": "posttrain.trainers.rloo",
     "DPOConfig": "posttrain.trainers.dpo",

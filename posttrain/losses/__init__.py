@@ -7,7 +7,7 @@ from posttrain.losses.cpo import CPO_LOSS_TYPES, cpo_loss  # noqa: F401
 from posttrain.losses.orpo import log1mexp, orpo_loss  # noqa: F401
 from posttrain.losses.kto import KTO_LOSS_TYPES, kto_kl_estimate, kto_loss, unpaired_reward_metrics  # noqa: F401
 from posttrain.losses.bco import RunningMean, bco_loss, udm_density_ratio  # noqa: F401
-from posttrain.losses.policy_gradient import LOSS_TYPES, aggregate_token_loss, clipped_objective, k3_kl, masked_mean, truncated_importance_weights  # noqa: F401
+from posttrain.losses.policy_gradient import LOSS_TYPES, aggregate_token_loss, clipped_objective, importance_weights, k3_kl, masked_importance_weights, masked_mean, truncated_importance_weights  # noqa: F401
 from posttrain.losses.grpo import grpo_loss  # noqa: F401
 from posttrain.losses.rloo import rloo_loss, sequence_kl  # noqa: F401
 from posttrain.losses.advantages import group_relative_advantages, normalize_advantages, rloo_advantages  # noqa: F401

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .policy_gradient import (LOSS_TYPES, LossType, aggregate_token_loss, clip_metrics, clipped_objective,
-                              importance_metrics, k3_kl, masked_mean, truncated_importance_weights)
+                              importance_metrics, importance_weights, k3_kl, masked_mean)
 
 __all__ = ["LOSS_TYPES", "grpo_loss"]
 
@@ -32,6 +32,9 @@ def grpo_loss(
     is_cap: float = 2.0,
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    is_mode: str = "truncate",
+    is_low: float = 0.0,
+    is_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO's clipped policy loss with optional KL penalty and importance-sampling correction.
 
@@ -45,7 +48,8 @@ def grpo_loss(
     and the gradient is the plain policy gradient, the ``num_iterations = 1`` case). ``kl3`` is `k3_kl`
     to ``ref_logps`` (skipped when ``beta == 0`` or no reference). ``w`` is
     `truncated_importance_weights` ``(old_logp, sampler_logp, is_cap)`` when ``sampler_logps`` is given,
-    else 1.
+    else 1; ``is_mode="mask"`` uses `masked_importance_weights` ``(old_logp, sampler_logp, is_low,
+    is_high)`` instead (0 outside the band).
 
     ``loss_type="gspo"`` replaces the token ratio with the sequence-level geometric mean
     ``s_i = exp(mean_t(logp_{i,t} - old_logp_{i,t}))``, clipped once per sequence (Zheng et al. 2025,
@@ -73,10 +77,11 @@ def grpo_loss(
     metrics: dict[str, torch.Tensor] = {}
     if sampler_logps is not None:
         if loss_type == "gspo":
-            gap = ((old.detach() - sampler_logps) * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)
-            weights = torch.exp(gap).clamp(max=is_cap).unsqueeze(-1).expand_as(logps)
+            gap = ((old.detach() - sampler_logps) * maskf).sum(-1, keepdim=True) / maskf.sum(-1, keepdim=True).clamp(min=1.0)
+            weights = importance_weights(gap, torch.zeros_like(gap), is_mode, cap=is_cap, low=is_low,
+                                         high=is_high).expand_as(logps)
         else:
-            weights = truncated_importance_weights(old, sampler_logps, is_cap)
+            weights = importance_weights(old, sampler_logps, is_mode, cap=is_cap, low=is_low, high=is_high)
         per_token = per_token * weights
         metrics.update(importance_metrics(weights, maskf, logp_diff=old.detach() - sampler_logps))
     if beta != 0.0 and ref_logps is not None:

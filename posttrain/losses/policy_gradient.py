@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 
 __all__ = ["LOSS_TYPES", "LossType", "aggregate_token_loss", "clip_metrics", "clipped_objective",
-           "importance_metrics", "k3_kl", "masked_mean", "truncated_importance_weights"]
+           "importance_metrics", "importance_weights", "k3_kl", "masked_importance_weights", "masked_mean",
+           "truncated_importance_weights"]
 
 #: The normalisers of `aggregate_token_loss`, named after the loss that uses each (``gspo`` reduces like ``grpo``;
 #: its sequence-level ratio is `posttrain.losses.grpo.grpo_loss`'s business).
@@ -64,6 +65,36 @@ def truncated_importance_weights(
     Off-Policy RL Training"). Detached: a weight, not a gradient path.
     """
     return torch.exp(old_logps.detach() - sampler_logps.detach()).clamp(max=cap)
+
+
+def masked_importance_weights(
+    old_logps: torch.Tensor, sampler_logps: torch.Tensor, low: float, high: float
+) -> torch.Tensor:
+    """Masked importance-sampling weights: the IS ratio where it lies in ``[low, high]``, 0 elsewhere::
+
+        rho_t = exp(old_logp_t - sampler_logp_t)
+        w_t   = rho_t  if low <= rho_t <= high  else 0
+
+    Unlike truncation (`truncated_importance_weights`), a token whose ratio is far outside the trust band
+    (a stale or mismatched sampler) is left out of the gradient instead of being kept at the cap: the
+    "masked IS" / token-level rejection of Yao et al. 2025 ("Your Efficient RL Framework Secretly Brings
+    You Off-Policy RL Training"; TRL's ``token_mask``), used for asynchronous, stale rollouts. Detached.
+    """
+    ratio = torch.exp(old_logps.detach() - sampler_logps.detach())
+    return torch.where((ratio >= low) & (ratio <= high), ratio, torch.zeros_like(ratio))
+
+
+def importance_weights(
+    old_logps: torch.Tensor, sampler_logps: torch.Tensor, mode: str = "truncate", *, cap: float = 2.0,
+    low: float = 0.0, high: float | None = None,
+) -> torch.Tensor:
+    """The sampler-correction weights of ``mode``: ``"truncate"`` (`truncated_importance_weights` at
+    ``cap``) or ``"mask"`` (`masked_importance_weights` outside ``[low, high]``, ``high`` default ``cap``)."""
+    if mode == "truncate":
+        return truncated_importance_weights(old_logps, sampler_logps, cap)
+    if mode == "mask":
+        return masked_importance_weights(old_logps, sampler_logps, low, cap if high is None else high)
+    raise ValueError(f"importance-sampling mode {mode!r}: expected 'truncate' or 'mask'")
 
 
 def clipped_objective(

@@ -35,6 +35,9 @@ def rloo_loss(
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
     is_cap: float = 2.0,
+    is_mode: str = "truncate",
+    is_low: float = 0.0,
+    is_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """REINFORCE-leave-one-out loss on the sequence log-prob, PPO-clipped per token::
 
@@ -45,7 +48,8 @@ def rloo_loss(
     paper's ``-mean_i A_i * grad sum_t logp_{i,t}``; the clip only matters when a batch is reused
     (``num_iterations > 1``). ``beta`` here is the KL-in-loss variant (k3, `k3_kl`); for the paper's
     KL-in-reward variant pass ``beta=0`` and subtract ``beta * sequence_kl(...)`` from the rewards
-    before computing advantages. ``w`` is the truncated IS weight when ``sampler_logps`` is given.
+    before computing advantages. ``w`` is the truncated IS weight when ``sampler_logps`` is given (masked
+outside ``[is_low, is_high]`` with ``is_mode="mask"``).
 
     This is `posttrain.losses.grpo.grpo_loss` with ``loss_type="sequence_sum"`` (sum over a completion's
     tokens, mean over completions): the same ratio, clip, IS weights and k3 KL, another reduction.
@@ -53,4 +57,4 @@ def rloo_loss(
     """
     return grpo_loss(logps, advantages, mask, old_logps=old_logps, ref_logps=ref_logps,
                      sampler_logps=sampler_logps, loss_type="sequence_sum", beta=beta, epsilon=epsilon,
-                     epsilon_high=epsilon_high, is_cap=is_cap)
+                     epsilon_high=epsilon_high, is_cap=is_cap, is_mode=is_mode, is_low=is_low, is_high=is_high)

@@ -18,7 +18,7 @@ import http.client
 import json
 import socket
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit
 
 from torch import nn
@@ -148,18 +148,29 @@ class RolloutServerClient(RolloutEngine):
 
         distributed = dist.is_available() and dist.is_initialized()
         if not distributed or dist.get_rank() == 0:  # one sender; the other ranks wait at the barrier
-            limit_mb = (self.info.get("limits") or {}).get("max_upload_mb")
-            for chunk in chunk_weights(iter_merged_weights(model), self.chunk_bytes):
-                blob = weights_to_bytes(chunk)
-                if limit_mb is not None and len(blob) > limit_mb * 2**20:
-                    raise RolloutServerError(
-                        f"a weight chunk of {len(blob) / 2**20:.1f} MiB (layer {chunk[0][0]!r}...) is over the rollout "
-                        f"server's --max-upload-mb {limit_mb:g} at {self.url}: a layer is sent whole, so start the "
-                        "server with a larger --max-upload-mb")
-                self._request("POST", "/update_weights", blob, content_type="application/octet-stream")
-            self.reset_cache()
+            self.send_weight_blobs(self.iter_weight_blobs(model))  # streamed: one chunk in memory at a time
         if distributed:
             dist.barrier()
+
+    def iter_weight_blobs(self, model: nn.Module) -> Iterator[bytes]:
+        """``model``'s weights (LoRA merged) as the safetensors blobs a sync sends, whole layers each: the part
+        of a sync that reads the model. An asynchronous trainer takes ``list(...)`` of them (a snapshot), then
+        sends them from another thread with :meth:`send_weight_blobs` while it trains on."""
+        limit_mb = (self.info.get("limits") or {}).get("max_upload_mb")
+        for chunk in chunk_weights(iter_merged_weights(model), self.chunk_bytes):
+            blob = weights_to_bytes(chunk)
+            if limit_mb is not None and len(blob) > limit_mb * 2**20:
+                raise RolloutServerError(
+                    f"a weight chunk of {len(blob) / 2**20:.1f} MiB (layer {chunk[0][0]!r}...) is over the rollout "
+                    f"server's --max-upload-mb {limit_mb:g} at {self.url}: a layer is sent whole, so start the "
+                    "server with a larger --max-upload-mb")
+            yield blob
+
+    def send_weight_blobs(self, blobs: Iterable[bytes]) -> None:
+        """Send blobs made by :meth:`iter_weight_blobs`, then ``/reset`` (the server's version goes up by one)."""
+        for blob in blobs:
+            self._request("POST", "/update_weights", blob, content_type="application/octet-stream")
+        self.reset_cache()
 
     def reset_cache(self) -> None:
         """Ask the server to drop cached prefixes (done after every weight sync)."""

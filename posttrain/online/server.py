@@ -204,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--max-batch-size", type=int, default=64, help="hf backend: sequences per generate call")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-threads", type=int, default=None,
+                   help="torch CPU threads of this process (default: torch's; a trainer that starts its own "
+                        "worker passes 1, so generator and trainer get a core each)")
     p.add_argument("--log-level", default="INFO")
     limits = p.add_argument_group("request limits (a request beyond one is answered 4xx with the reason)")
     d = ServerLimits()
@@ -251,6 +254,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         logger.warning("binding to %s: anyone who can reach it can replace the weights; the server has no "
                        "authentication, keep it on a trusted network", args.host)
     limits = limits_from_args(args)
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
     start = time.perf_counter()
     engine, backend = build_engine(args.model, args.backend, args)
     try:

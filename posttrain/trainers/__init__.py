@@ -6,6 +6,7 @@ from . import reward  # noqa: F401
 from . import prm  # noqa: F401
 from . import grpo  # noqa: F401
 from . import rloo  # noqa: F401
+from . import async_grpo  # noqa: F401
 from . import cpo  # noqa: F401
 from . import orpo  # noqa: F401
 from . import kto  # noqa: F401

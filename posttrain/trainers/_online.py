@@ -93,6 +93,9 @@ class OnlineTrainer(PostTrainer):
         if self.requires_reward_funcs and not funcs:
             raise ValueError(f"{type(self).__name__} needs at least one reward function (reward_funcs=...)")
         args = self.resolve_args(args)
+        if args.async_generation and engine is not None:
+            raise ValueError("async_generation=True generates with its own rollout worker (or the server at "
+                             "vllm_server_base_url): drop engine=, or set async_generation=False to use it")
         super().__init__(model, args, data_collator=_collate_rows, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, peft_config=peft_config,
                          callbacks=callbacks, optimizers=optimizers, **kwargs)
@@ -116,6 +119,10 @@ class OnlineTrainer(PostTrainer):
         self._last_table_step = -1
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, float] = defaultdict(float)
+        self._async = None  # AsyncGeneration while train() runs with async_generation (trainers/_async.py)
+        if args.async_generation:
+            from ._async import WeightSyncCallback
+            self.add_callback(WeightSyncCallback(self))
 
     def _check_prompt_lengths(self) -> None:
         """Warn with the count of prompts ``max_prompt_length`` cuts; resolve ``max_completion_length=None``
@@ -187,6 +194,10 @@ class OnlineTrainer(PostTrainer):
         engine, version = self.engine, self.state.global_step
         if engine.samples_from_policy or version - engine.weights_version <= max_lag:
             return
+        if self._async is not None and self._async.source is not None:  # evaluation while the producer runs
+            self._async.source.push_weights(self.model, version)
+            self._async.source.wait_for_push(self.args.vllm_server_timeout)
+            return
         start = time.perf_counter()
         engine.sync_weights(self.model, force=True)
         engine.weights_version = version
@@ -231,6 +242,9 @@ class OnlineTrainer(PostTrainer):
         if self._resume_state is not None:
             self._prompts.load_state_dict(self._resume_state["prompts"])
             self._loader.generations = self._resume_state["generations"]
+        if self._async is not None:
+            resumed = self._resume_state or {}
+            self._async.start_item = int(resumed.get("prompts", {}).get("item", resumed.get("generations", 0)))
         return self._loader
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
@@ -332,7 +346,7 @@ class OnlineTrainer(PostTrainer):
         """Stages 1-3 for generation ``index`` (what `RolloutLoader` calls once per generation)."""
         args = self.args
         states = self._loader.prompt_states
-        states[index] = self._prompts.state_dict()
+        states[index] = self._async.state_before_next() if self._async is not None else self._prompts.state_dict()
         for old in [k for k in states if k < index - 8]:
             del states[old]
         round_ = index * args.steps_per_generation * args.num_iterations
@@ -343,6 +357,8 @@ class OnlineTrainer(PostTrainer):
         return self.prepare(scored, "train")
 
     def _scored_rollout(self, round_: int, refill: int = 0) -> ScoredRollout:
+        if self._async is not None:  # made ahead by the producer (seeded by its own generation index)
+            return self._async.next(round_, refill)
         rows = self._prompts.next_rows()
         rollout = self.rollout(rows, "train", self.sampling_params("train", round_, refill))
         return self.score(rows, rollout, "train")
@@ -516,7 +532,17 @@ class OnlineTrainer(PostTrainer):
             with open(os.path.join(checkpoint, _STATE_FILE)) as f:
                 self._resume_state = json.load(f)
             self.counts = defaultdict(float, self._resume_state.get("counts", {}))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        if not self.args.async_generation:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        from ._async import AsyncGeneration
+
+        self._async = AsyncGeneration(self)
+        self._async.set_threads()
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:  # also on errors: no worker outlives train()
+            self._async.stop()
+            self._async = None
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -533,6 +559,7 @@ class OnlineTrainer(PostTrainer):
         done = self.state.global_step * self.args.gradient_accumulation_steps
         generations = -(-done // per_gen)  # generations whose micro-batches were started
         partial = done % per_gen != 0
-        state = loader.prompt_states.get(generations - 1 if partial else generations, self._prompts.state_dict())
+        current = self._async.state_before_next() if self._async is not None else self._prompts.state_dict()
+        state = loader.prompt_states.get(generations - 1 if partial else generations, current)
         return {"prompts": state, "generations": generations - 1 if partial else generations,
                 "weights_version": self.state.global_step, "counts": dict(self.counts)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..online.async_rollout import AsyncRolloutArgs
 from ..online.engines import OnlineEngineArgs
 from .base import PostTrainConfig
 
@@ -21,7 +22,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class OnlineConfig(OnlineEngineArgs, PostTrainConfig):
+class OnlineConfig(OnlineEngineArgs, AsyncRolloutArgs, PostTrainConfig):
     """Shared fields of `GRPOConfig`, `RLOOConfig` and later online methods."""
 
     # ---- generation
@@ -64,6 +65,12 @@ class OnlineConfig(OnlineEngineArgs, PostTrainConfig):
         "Correct for sampler/trainer mismatch with truncated importance weights. Default: on when the engine "
         "is not the training model itself (vLLM, rollout server)."))
     importance_sampling_cap: float = field(default=2.0, metadata=_help("Truncation cap of the IS weights."))
+    importance_sampling_mode: str = field(default="truncate", metadata=_help(
+        "How the IS weights exp(old - sampler) are bounded: 'truncate' caps them at importance_sampling_cap; "
+        "'mask' zeroes the tokens whose weight is outside [importance_sampling_low, importance_sampling_high]."))
+    importance_sampling_low: float = field(default=0.5, metadata=_help("Lower bound of the weights kept by 'mask'."))
+    importance_sampling_high: float | None = field(default=None, metadata=_help(
+        "Upper bound of the weights kept by 'mask' (default: importance_sampling_cap)."))
     skip_zero_advantage_backward: bool = field(default=True, metadata=_help(
         "Run the completions whose advantage is exactly 0 without gradients when the loss has no other term "
         "for them (beta=0, or RLOO's KL in the reward): their log-probs still enter the loss and its "
@@ -118,6 +125,13 @@ class OnlineConfig(OnlineEngineArgs, PostTrainConfig):
             raise ValueError(f"max_completion_length={self.max_completion_length}: expected >= 1")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
             raise ValueError("epsilon and epsilon_high must be >= 0")
+        if self.importance_sampling_mode not in ("truncate", "mask"):
+            raise ValueError(f"importance_sampling_mode={self.importance_sampling_mode!r}: expected 'truncate' or 'mask'")
+        if self.importance_sampling_high is None:
+            self.importance_sampling_high = self.importance_sampling_cap
+        if not 0 <= self.importance_sampling_low < self.importance_sampling_high:
+            raise ValueError(f"importance_sampling_low={self.importance_sampling_low}, importance_sampling_high="
+                             f"{self.importance_sampling_high}: expected 0 <= low < high")
         if self.log_completions_steps < 1:
             raise ValueError(f"log_completions_steps={self.log_completions_steps}: expected >= 1")
 

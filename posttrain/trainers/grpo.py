@@ -94,6 +94,8 @@ class GRPOTrainer(OnlineTrainer):
             sampler_logps=batch.get("sampler_logps"), loss_type=args.loss_type, beta=args.beta,
             epsilon=args.epsilon, epsilon_high=args.epsilon_high, delta=args.delta,
             is_cap=args.importance_sampling_cap, max_completion_length=args.max_completion_length,
+            is_mode=args.importance_sampling_mode, is_low=args.importance_sampling_low,
+            is_high=args.importance_sampling_high,
             num_items_in_batch=batch.num_items_in_batch if self.model.training else None,
         )
 

@@ -95,7 +95,9 @@ class RLOOTrainer(OnlineTrainer):
         beta = 0.0 if args.kl_in_reward else args.beta
         return rloo_loss(logps, batch.advantages, mask, old_logps=batch.get("old_logps"),
                          ref_logps=batch.get("ref_logps"), sampler_logps=batch.get("sampler_logps"), beta=beta, epsilon=args.epsilon,
-                         epsilon_high=args.epsilon_high, is_cap=args.importance_sampling_cap)
+                         epsilon_high=args.epsilon_high, is_cap=args.importance_sampling_cap,
+                         is_mode=args.importance_sampling_mode, is_low=args.importance_sampling_low,
+                         is_high=args.importance_sampling_high)
 
 
 register_method(
