@@ -33,9 +33,10 @@ def save_policy_folder(model: nn.Module, tokenizer: Any, folder: str) -> None:
     as a Hugging Face model folder: ``config.json``, ``model.safetensors``, the tokenizer files."""
     from safetensors.torch import save_file
 
-    from .weights import base_model, iter_merged_weights
+    from ..ops.wrappers import unwrap_model
+    from .weights import iter_merged_weights
 
-    config = base_model(model).config
+    config = unwrap_model(model).config
     config.save_pretrained(folder)
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in iter_merged_weights(model)}
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
