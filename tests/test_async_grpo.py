@@ -69,7 +69,7 @@ def test_grpo_loss_applies_masked_weights_per_token():
                               is_low=0.5, is_high=2.0)
     # r = 1 (old = logps.detach()), so the per-token loss is -w * A: -(1 + 0 + 1.10517) / 3
     assert loss.item() == pytest.approx(-(1 + 1.105171) / 3, abs=1e-5)
-    assert metrics["is_weight/min"].item() == 0.0
+    assert metrics["sampling/importance_sampling_ratio/min"].item() == 0.0
     loss.backward()
     assert torch.allclose(logps.grad, -torch.tensor([[1.0, 0.0, 1.105171]]) / 3, atol=1e-5)
 
@@ -193,7 +193,7 @@ def test_async_resume_matches_an_uninterrupted_run_and_the_worker_is_gone(tmp_pa
     assert full.counts["completions"] == 4 * 8 and full.counts["async_weight_syncs"] == 4
     logged = full.state.log_history[0]
     for key in ("async/staleness", "async/queue_depth", "async/trainer_wait_s", "async/generator_idle_s",
-                "async/dropped_stale_generations", "is_weight/mean"):
+                "async/dropped_stale_generations", "sampling/importance_sampling_ratio/mean"):
         assert key in logged, key
     # the worker's version: the optimizer step of the last snapshot it loaded (sent in the background)
     assert rec.versions == sorted(rec.versions) and 0 <= rec.versions[0] <= 1 and rec.versions[-1] <= 4
