@@ -297,15 +297,17 @@ def test_evaluate_takes_a_raw_dataset_and_reward_functions_get_trls_extras():
     model, tok = build_tiny("nano")
     got = {}
 
-    def extras(prompts, completions, trainer_state, log_metric, **kw):
+    def extras(prompts, completions, trainer_state, log_metric, log_extra, **kw):
         got["step"] = trainer_state.global_step
         log_metric("custom/score", 0.5)
+        log_extra("golden", ["yes"] * len(completions))
         return [len(c) / 10 for c in completions]
 
     trainer = GRPOTrainer(model, extras, _config(max_steps=1, per_device_eval_batch_size=8), train_dataset=_data(),
                           processing_class=tok)
     trainer.train()
     assert got["step"] == 0 and history(trainer, "custom/score") == [0.5]
+    assert trainer._table_extras["golden"][0] == "yes"
     metrics = trainer.evaluate(eval_dataset=_data(8))
     assert "eval_reward" in metrics and got["step"] == 1
 

@@ -26,8 +26,9 @@ def completions_table_rows(
     rows = []
     for i in range(n):
         row: dict[str, Any] = {"prompt": prompts[i], "completion": completions[i]}
-        for name, values in rewards.items():
-            row[name] = float(values[i])
+        for name, values in rewards.items():  # reward columns, and the columns reward functions logged
+            value = values[i] if i < len(values) else None
+            row[name] = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         row["advantage"] = float(advantages[i])
         rows.append(row)
     return rows

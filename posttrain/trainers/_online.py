@@ -306,7 +306,13 @@ class OnlineTrainer(PostTrainer):
         def log_metric(name: str, value: float) -> None:
             self.store_metrics({name: value}, mode)
 
-        return {"trainer_state": self.state, "log_metric": log_metric}
+        self._table_extras: dict[str, list] = {}
+
+        def log_extra(column: str, values: list) -> None:
+            """A column of per-completion values for the completions table."""
+            self._table_extras[column] = list(values)
+
+        return {"trainer_state": self.state, "log_metric": log_metric, "log_extra": log_extra}
 
     @torch.no_grad()
     def prepare(self, scored: ScoredRollout, mode: str) -> RolloutBatch:
@@ -438,6 +444,7 @@ class OnlineTrainer(PostTrainer):
         self._last_table_step = step
         rewards = scored.rewards
         per_func = {} if rewards is None else {n: rewards.per_func[:, j].tolist() for j, n in enumerate(rewards.names)}
+        per_func.update(getattr(self, "_table_extras", {}))
         adv = advantages if advantages.dim() == 1 else advantages.sum(1)
         rows = completions_table_rows(scored.prompts, scored.rollout.texts, per_func, adv.tolist(),
                                       args.num_completions_to_print)
