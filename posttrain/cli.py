@@ -5,13 +5,15 @@
 
 Every registered method (see `posttrain.trainers.registry`) becomes a command; its config dataclass, the
 shared `ScriptArguments` and the method's extra argument dataclasses are filled from the YAML file first and
-then from flags, so a flag always overrides the file. `posttrain <method> --help` lists every field.
+then from flags, so a flag always overrides the file. `posttrain <method> --help` lists every field. The run
+file (`posttrain.cli_config`) is checked field by field against the dataclasses' types before anything runs,
+and its `env:` block is set for the run. The final evaluation runs before the state and metrics are saved,
+so the run folder (and `posttrain report`) holds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -26,59 +28,70 @@ _BUILTIN_COMMANDS = {
 }
 
 
-def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    if not os.path.exists(path):
-        raise SystemExit(f"error: config file {path!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of field: value, got {type(data).__name__}")
-    return data
-
-
-def parse_method_args(name: str, argv: Sequence[str]) -> tuple[Any, ...]:
-    """Parse `[--config file.yaml] [--field value ...]` for method `name` into its dataclasses:
-    (ScriptArguments, *extra_args, Config). YAML gives defaults; flags override them."""
+def _parse(name: str, run_file: Any, argv: Sequence[str]) -> tuple[Any, ...]:
     from transformers import HfArgumentParser
 
+    from .cli_config import check_values
     from .script_args import ScriptArguments
     from .trainers.registry import get_method
 
     spec = get_method(name)
     classes = [ScriptArguments, *spec.extra_args, spec.config_class]
     parser = HfArgumentParser(classes, prog=f"posttrain {name}", description=spec.help)
-    parser.add_argument("--config", default=None, help="YAML file of field: value pairs; flags override it.")
-    argv = list(argv)
-    config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise SystemExit("error: --config needs a file path")
-        config_path = argv[i + 1]
-        del argv[i : i + 2]
-    if config_path:
-        values = _load_yaml(config_path)
-        known = {f.name for c in classes for f in dataclasses.fields(c)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise SystemExit(f"error: {config_path}: unknown field(s) {', '.join(unknown)}; "
-                             f"see `posttrain {name} --help` for the valid ones")
-        parser.set_defaults(**values)
-    parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=False)
+    parser.add_argument("--config", default=None, help="YAML file of field: value pairs (and an env: block of "
+                        "environment variables for the run); flags override it. --config=FILE works too.")
+    if run_file.path:
+        parser.set_defaults(**check_values(run_file.values, classes, run_file.path, name))
+    parsed = parser.parse_args_into_dataclasses(args=list(argv), return_remaining_strings=False)
     return tuple(p for p in parsed if not isinstance(p, type(None)) and dataclasses.is_dataclass(p))
 
 
+def parse_method_args(name: str, argv: Sequence[str]) -> tuple[Any, ...]:
+    """Parse `[--config file.yaml] [--field value ...]` for method `name` into its dataclasses:
+    (ScriptArguments, *extra_args, Config). YAML gives defaults, each value checked against its field's type
+    (see `posttrain.cli_config`); flags override them. The file's `env:` block is read (and checked) but not
+    applied: `run_method` applies it."""
+    from .cli_config import read_run_file, split_config_flag
+
+    path, rest = split_config_flag(argv)
+    return _parse(name, read_run_file(path), rest)
+
+
+def _read_and_apply_env(argv: Sequence[str]) -> tuple[Any, list[str]]:
+    from .cli_config import apply_env, read_run_file, split_config_flag
+
+    path, rest = split_config_flag(argv)
+    run_file = read_run_file(path)
+    apply_env(run_file)
+    return run_file, rest
+
+
 def run_method(name: str, argv: Sequence[str]) -> dict[str, float]:
-    """Run one registered method from command-line arguments; returns its final metrics."""
+    """Run one registered method from command-line arguments; returns its final metrics (with the final
+    evaluation's `eval_*` when there is an evaluation set). The run file's `env:` variables are set first."""
+    run_file, rest = _read_and_apply_env(argv)
+    return _run(name, run_file, rest)
+
+
+def _strategy(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _run(name: str, run_file: Any, argv: Sequence[str]) -> dict[str, float]:
+    import posttrain.trainers  # noqa: F401  (registers the methods)
+
     from .script_args import load_script_datasets, peft_config_from_args
     from .trainers.registry import get_method
 
     spec = get_method(name)
-    parsed = parse_method_args(name, argv)
+    parsed = _parse(name, run_file, argv)
     script, *extras, config = parsed
     train, test = load_script_datasets(script, default_format=spec.task_format)
+    if test is None and _strategy(config.eval_strategy) != "no":
+        raise SystemExit(f"error: eval_strategy={_strategy(config.eval_strategy)!r} needs an evaluation set, and "
+                         f"{script.dataset_name!r} gives none (dataset_test_split={script.dataset_test_split!r}); "
+                         "name an existing split with dataset_test_split, give eval_dataset_name, or set "
+                         "eval_strategy: 'no'")
     kwargs = spec.trainer_kwargs(script, *extras) if spec.trainer_kwargs else {}
     peft_task_type = kwargs.pop("peft_task_type", "CAUSAL_LM")
     processing_class = None
@@ -97,13 +110,18 @@ def run_method(name: str, argv: Sequence[str]) -> dict[str, float]:
         **kwargs,
     )
     result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    metrics = dict(result.metrics)
+    eval_metrics = trainer.evaluate() if test is not None else {}
+    metrics.update(eval_metrics)
+    # saved after the final evaluation, so trainer_state.json (what `posttrain report` reads) and
+    # all_results.json hold it
     trainer.save_model(config.output_dir)
+    trainer.save_metrics("train", dict(result.metrics))
+    if eval_metrics:
+        trainer.save_metrics("eval", eval_metrics)
     trainer.save_state()
     if trainer.is_world_process_zero():
         trainer.tokenizer.save_pretrained(config.output_dir)
-    metrics = dict(result.metrics)
-    if test is not None:
-        metrics.update(trainer.evaluate())
     if script.merge_adapters:
         trainer.save_merged_model()
     if trainer.is_world_process_zero():
@@ -153,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .report import report_main
 
         return report_main(rest)
+    # the run file's env: block is applied before torch and transformers are imported, so that variables
+    # they read at import (OMP_NUM_THREADS, HF_HOME, HF_HUB_OFFLINE, ...) take effect
+    run_file, rest = _read_and_apply_env(rest)
     import posttrain.trainers  # noqa: F401  (registers the methods)
     from .trainers.registry import get_method
 
@@ -161,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyError as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
-    run_method(command, rest)
+    _run(command, run_file, rest)
     return 0
 
 

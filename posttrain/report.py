@@ -1,5 +1,6 @@
 """`posttrain report <run_dir>`: the final metrics of a run and a PNG of its curves, from the
-`trainer_state.json` the Trainer writes with every checkpoint."""
+`trainer_state.json` the Trainer writes with every checkpoint. The CLI saves the run folder's own state after
+the final evaluation, so its last `eval_*` entry is the final eval, which the report shows on its own line."""
 
 from __future__ import annotations
 
@@ -9,17 +10,33 @@ import os
 import sys
 from typing import Sequence
 
-__all__ = ["load_log_history", "report_main"]
+__all__ = ["final_eval", "load_log_history", "report_main"]
+
+
+def _read(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def load_log_history(run_dir: str) -> list[dict]:
-    """The log history of the newest `trainer_state.json` under `run_dir`."""
-    paths = glob.glob(os.path.join(run_dir, "trainer_state.json")) + glob.glob(
-        os.path.join(run_dir, "checkpoint-*", "trainer_state.json"))
+    """The log history of the newest `trainer_state.json` under `run_dir` (the run folder's own on a tie with a
+    checkpoint: it is saved last, after the final evaluation)."""
+    own = os.path.join(run_dir, "trainer_state.json")
+    paths = ([own] if os.path.exists(own) else []) + sorted(
+        glob.glob(os.path.join(run_dir, "checkpoint-*", "trainer_state.json")))
     if not paths:
         raise FileNotFoundError(f"no trainer_state.json in {run_dir} or its checkpoint-* folders")
-    newest = max(paths, key=lambda p: json.load(open(p)).get("global_step", 0))
-    return json.load(open(newest))["log_history"]
+    states = [_read(p) for p in paths]
+    newest = max(range(len(paths)), key=lambda i: (states[i].get("global_step", 0), -i))
+    return states[newest]["log_history"]
+
+
+def final_eval(history: list[dict]) -> dict:
+    """The `eval_*` metrics (and step) of the last evaluation in a log history; empty without one."""
+    for entry in reversed(history):
+        if any(k.startswith("eval_") for k in entry):
+            return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "step"}
+    return {}
 
 
 def report_main(argv: Sequence[str]) -> int:
@@ -39,6 +56,10 @@ def report_main(argv: Sequence[str]) -> int:
     for entry in history:
         last.update(entry)
     print(format_metrics(last))
+    evaluation = final_eval(history)
+    if evaluation:
+        step = evaluation.pop("step", None)
+        print(f"final eval (step {step}): {format_metrics(evaluation)}")
     path = plot_log_history(history, os.path.join(run_dir, "curves.png"), keys)
     if path:
         print(f"curves: {path}")

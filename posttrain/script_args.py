@@ -4,10 +4,14 @@ trainer arguments, not config fields)."""
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ScriptArguments", "load_script_datasets", "peft_config_from_args"]
 
@@ -31,10 +35,14 @@ class ScriptArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(
-        default="test", metadata={"help": "Split to evaluate on, when the data has it (None: no evaluation)."}
+        default="auto", metadata={"help": "Split to evaluate on. 'auto' (default): the data's 'test' split when it has "
+                                  "one (a folder with test.jsonl, a hub dataset's test split, the built-in task's "
+                                  "held-out rows), else no evaluation. A named split must exist. 'none' (null in "
+                                  "YAML): no evaluation."}
     )
     eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "A separate evaluation file or hub dataset (uses dataset_test_split)."}
+        default=None, metadata={"help": "A separate evaluation file, folder or hub dataset: its dataset_test_split, "
+                                "by default its 'test' split or, with one split only (a single file), all of it."}
     )
     task_digits: int = field(default=2, metadata={"help": "Built-in arithmetic task: digits per operand."})
     task_train_size: int = field(default=2000, metadata={"help": "Built-in task: training rows."})
@@ -67,26 +75,70 @@ def _task_datasets(name: str, args: ScriptArguments, default_format: str) -> tup
     return splits["train"], splits["test"]
 
 
+def _eval_off(split: str | None) -> bool:
+    return split is None or split.strip().lower() in ("", "none", "null")
+
+
 def load_script_datasets(
     args: ScriptArguments, default_format: str = "prompt_completion"
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Training and (optional) evaluation datasets named by the command-line arguments."""
-    from .data import load_any
+    """Training and (optional) evaluation datasets named by the command-line arguments.
 
+    The evaluation set is the split `dataset_test_split` names, never the training rows: with the default
+    'auto' it is the data's `test` split when there is one and otherwise there is no evaluation (logged); a
+    split that is named but missing, or that is the training split, is a ValueError naming the splits the data
+    has.
+    """
+    from .data import held_out_split, load_any, load_held_out, split_names
+
+    test_split = None if _eval_off(args.dataset_test_split) else args.dataset_test_split
+    auto = test_split == "auto"
     if args.dataset_name.startswith("task:"):
         train, test = _task_datasets(args.dataset_name, args, default_format)
-        return train, (test if args.dataset_test_split else None)
-    kwargs: dict[str, Any] = {"name": args.dataset_config} if args.dataset_config else {}
-    train = load_any(args.dataset_name, split=args.dataset_train_split, **kwargs)
-    test = None
+        if test_split not in (None, "auto", "test") and not args.eval_dataset_name:
+            raise ValueError(f"dataset_test_split={test_split!r}: the built-in task {args.dataset_name!r} has the "
+                             "splits ['test', 'train']")
+        if args.dataset_train_split != "train":
+            raise ValueError(f"dataset_train_split={args.dataset_train_split!r}: the built-in task "
+                             f"{args.dataset_name!r} has the splits ['test', 'train']")
+    else:
+        kwargs: dict[str, Any] = {"name": args.dataset_config} if args.dataset_config else {}
+        train = load_any(args.dataset_name, split=args.dataset_train_split, **kwargs)
+        test = None
+        if test_split is not None and not args.eval_dataset_name:
+            if test_split == args.dataset_train_split:
+                raise ValueError(f"dataset_test_split={test_split!r} is the training split: the evaluation would "
+                                 "score the training rows (set dataset_test_split to another split, or none)")
+            if not auto:
+                test = load_any(args.dataset_name, split=test_split, **kwargs)
+            else:
+                names = split_names(args.dataset_name)
+                if names is None:  # a hub dataset: its splits are known once asked for
+                    try:
+                        test = load_any(args.dataset_name, split="test", **kwargs)
+                    except ValueError:
+                        test = None
+                elif "test" in names and args.dataset_train_split != "test":
+                    test = load_any(args.dataset_name, split="test", **kwargs)
+                if test is None:
+                    logger.warning("%s has no 'test' split%s: training without evaluation (name one with "
+                                   "dataset_test_split, or give eval_dataset_name)", args.dataset_name,
+                                   f" (its splits: {names})" if names else "")
+    if test_split is None:
+        if args.eval_dataset_name:
+            logger.warning("dataset_test_split is none: eval_dataset_name %r is not used", args.eval_dataset_name)
+        return train, None
     if args.eval_dataset_name:
-        test = load_any(args.eval_dataset_name, split=args.dataset_test_split or "test")
-    elif args.dataset_test_split:
-        try:
-            test = load_any(args.dataset_name, split=args.dataset_test_split, **kwargs)
-        except (KeyError, ValueError):
-            test = None  # the data has no such split: train without evaluation
+        split = held_out_split(args.eval_dataset_name, None if auto else test_split)
+        if _same_source(args.eval_dataset_name, args.dataset_name) and split == args.dataset_train_split:
+            raise ValueError(f"eval_dataset_name {args.eval_dataset_name!r} split {split!r} is the training data: "
+                             "the evaluation would score the training rows")
+        test = load_held_out(args.eval_dataset_name, split=split)
     return train, test
+
+
+def _same_source(a: str, b: str) -> bool:
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
 def peft_config_from_args(args: ScriptArguments, task_type: str = "CAUSAL_LM") -> Any:

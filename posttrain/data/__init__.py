@@ -13,7 +13,7 @@ from .formats import (
     unpair_preference,
     validate_dataset,
 )
-from .loading import load_any
+from .loading import held_out_split, load_any, load_held_out, split_names
 from .packing import pack_bfd, pack_dataset
 from .templates import (
     CHAT_TEMPLATES,
@@ -38,13 +38,16 @@ __all__ = [
     "detect_format",
     "end_of_turn",
     "ensure_chat_template",
+    "held_out_split",
     "load_any",
+    "load_held_out",
     "pack_bfd",
     "pack_dataset",
     "packed_attention_mask",
     "parse_tools",
     "render_chat",
     "split_implicit_prompt",
+    "split_names",
     "tokenize_messages",
     "tokenize_prompt_completion",
     "tokenize_text",

@@ -8,7 +8,9 @@ prompts, each sampled ``num_generations`` times.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ..online.async_rollout import AsyncRolloutArgs
 from ..online.engines import OnlineEngineArgs
@@ -145,18 +147,41 @@ class OnlineConfig(OnlineEngineArgs, AsyncRolloutArgs, PostTrainConfig):
 class RewardArgs:
     """Command-line / YAML reward functions of the online methods."""
 
-    reward_funcs: list[str] = field(default_factory=lambda: ["arithmetic"], metadata=_help(
-        "Reward functions: built-in names (accuracy, format, length, soft_overlong, arithmetic, arithmetic_format, "
-        "arithmetic_steps), "
-        "import paths 'package.module:func', or reward model folders. In YAML an entry may also be a mapping "
-        "{name: <built-in or path>, <option>: <value>} for a configured built-in."))
-    reward_model_path: str | None = field(default=None, metadata=_help(
-        "A trained reward model (folder or tiny:<spec>) added to the reward functions."))
+    # in YAML an entry may also be a mapping {name: ..., <option>: <value>} (checked by posttrain.cli_config)
+    yaml_field_types: ClassVar[dict[str, Any]] = {"reward_funcs": list[str | dict] | None}
+
+    reward_funcs: list[str] | None = field(default=None, metadata=_help(
+        "Reward functions: built-in names (accuracy, format, think_format, length, soft_overlong, arithmetic, "
+        "arithmetic_format, arithmetic_steps), TRL's command-line names (accuracy_reward, reasoning_accuracy_reward, "
+        "think_format_reward, get_soft_overlong_punishment), import paths 'package.module:func', or reward model "
+        "folders. In YAML an entry may also be a mapping {name: <built-in or path>, <option>: <value>} for a "
+        "configured built-in. Default: arithmetic (the built-in task's reward) when no reward model is given."))
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": "A trained reward model (folder or tiny:<spec>), put before the reward functions (as TRL's CLI "
+                "does, so reward_weights line up the same way). Also --reward_model_name_or_path (TRL's name).",
+        "aliases": ["--reward_model_name_or_path"]})
+
+
+def _cli_reward(spec: Any) -> Any:
+    """A reward-function entry of the command line: TRL's CLI names become the built-in that computes the same
+    reward; a bare name that is no built-in, no import path and no folder is an error listing the known names."""
+    from ..online.rewards.builtin import TRL_CLI_REWARDS, builtin_factory, builtin_names, make_trl_cli_reward
+
+    if not isinstance(spec, str):
+        return spec
+    if spec in TRL_CLI_REWARDS:
+        return make_trl_cli_reward(spec)
+    looks_like_path = any(ch in spec for ch in ".:/\\") or os.path.exists(spec)
+    if builtin_factory(spec) is None and not looks_like_path:
+        raise ValueError(f"unknown reward function {spec!r}: expected a built-in ({', '.join(builtin_names())}), "
+                         f"one of TRL's command-line names ({', '.join(sorted(TRL_CLI_REWARDS))}), an import path "
+                         "'package.module:func' or a reward model folder")
+    return spec
 
 
 def reward_trainer_kwargs(script: object, rewards: RewardArgs) -> dict:
-    """`MethodSpec.trainer_kwargs` of the online methods: the reward functions from the parsed arguments."""
-    funcs = list(rewards.reward_funcs or [])
-    if rewards.reward_model_path:
-        funcs.append(rewards.reward_model_path)
-    return {"reward_funcs": funcs}
+    """`MethodSpec.trainer_kwargs` of the online methods: the reward functions from the parsed arguments
+    (the reward model first, then `reward_funcs` in order; `arithmetic` when neither is given)."""
+    funcs: list[Any] = [rewards.reward_model_path] if rewards.reward_model_path else []
+    funcs += [_cli_reward(spec) for spec in rewards.reward_funcs or []]
+    return {"reward_funcs": funcs or ["arithmetic"]}

@@ -6,6 +6,8 @@ last one is the assistant's reply; `posttrain.data.messages.completion_text` giv
 The ``make_*`` factories build configured variants; `BUILTIN_REWARDS` maps the names usable from YAML to
 factories; the built-in tasks' rewards (``arithmetic``, ...) live in `posttrain.tasks.rewards` and resolve
 by name through `builtin_factory` too.
+`TRL_CLI_REWARDS` maps the reward names TRL 1.16's `trl grpo`/`trl rloo` accept to the configured built-in
+that computes the same reward (`make_trl_cli_reward`), so those command lines work unchanged.
 """
 
 from __future__ import annotations
@@ -59,8 +61,12 @@ def answers_match_fallback(answer: str, gold: str, *, tagged: bool) -> bool:
     return ans_n == gold_n
 
 
-def _math_verify_match(answer: str, gold: str) -> bool | None:
-    """math-verify's judgement, ``None`` when it is not installed or cannot parse the gold answer."""
+def _math_verify_match(answer: str, gold: str, latex_only: bool = False) -> bool | None:
+    """math-verify's judgement, ``None`` when it is not installed or cannot parse the gold answer.
+
+    ``latex_only``: the answer is read only from LaTeX (``\\boxed{}`` first, then ``$...$``; the first match,
+    units normalized), and the gold answer as written: how TRL's ``accuracy_reward`` reads them.
+    """
     try:
         from math_verify import parse, verify
     except ImportError:
@@ -68,21 +74,43 @@ def _math_verify_match(answer: str, gold: str) -> bool | None:
     # math-verify's timeouts use signal.alarm, which only works in the main thread
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     gold_parsed = parse(gold, parsing_timeout=timeout)
-    if not gold_parsed:
+    if not gold_parsed and not latex_only:
         gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
     if not gold_parsed:
         return None
-    return bool(verify(gold_parsed, parse(answer, parsing_timeout=timeout), timeout_seconds=timeout))
+    if latex_only:
+        from latex2sympy2_extended import NormalizationConfig
+        from math_verify import LatexExtractionConfig
+
+        extraction = LatexExtractionConfig(normalization_config=NormalizationConfig(units=True),
+                                           boxed_match_priority=0, try_extract_without_anchor=False)
+        answer_parsed = parse(answer, extraction_config=[extraction], extraction_mode="first_match",
+                              parsing_timeout=timeout)
+    else:
+        answer_parsed = parse(answer, parsing_timeout=timeout)
+    return bool(verify(gold_parsed, answer_parsed, timeout_seconds=timeout))
 
 
-def make_accuracy_reward(answer_tag: str | None = "answer", use_math_verify: bool = True) -> Callable:
+def make_accuracy_reward(answer_tag: str | None = "answer", use_math_verify: bool = True, latex_only: bool = False,
+                         answer_after: str | None = None) -> Callable:
     """Answer accuracy: 1.0 when the completion's answer equals the gold answer, else 0.0.
 
     The gold answer is the dataset column ``solution`` or ``answer``. The completion's answer is the
     content of its last ``<answer_tag>`` element when present, else the whole completion. Equivalence is
     checked by math-verify (``parse`` + ``verify``: LaTeX, fractions, sets, units) when installed, else
     by `answers_match_fallback`. ``None`` (not applicable) when the row has no gold answer.
+
+    ``answer_after`` (e.g. ``"</think>"``): only the text after its last occurrence is the answer, and a
+    completion without it scores 0.0 (its reasoning never ended). ``latex_only``: TRL's reading, the answer
+    only from LaTeX (``\\boxed{}`` first, then ``$...$``) and ``None`` when math-verify cannot parse the gold
+    answer (no fallback comparison); it needs math-verify.
     """
+    if latex_only:
+        try:
+            import math_verify  # noqa: F401
+        except ImportError:
+            raise ImportError("the accuracy reward with latex_only=True (TRL's accuracy_reward) needs math-verify: "
+                              "pip install 'posttrain[math]'") from None
 
     def accuracy(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
                  solution: Sequence[Any] | None = None, answer: Sequence[Any] | None = None,
@@ -92,14 +120,25 @@ def make_accuracy_reward(answer_tag: str | None = "answer", use_math_verify: boo
             raise KeyError("the accuracy reward needs a 'solution' or 'answer' dataset column")
         out: list[float | None] = []
         for completion, gold in zip(completions, golds):
+            text = completion_text(completion)
+            if answer_after is not None:
+                if answer_after not in text:
+                    out.append(0.0)
+                    continue
+                text = text.rsplit(answer_after, 1)[1]
             if gold is None or str(gold).strip() == "":
                 out.append(None)
                 continue
-            text = completion_text(completion)
             tagged = extract_tag(text, answer_tag) if answer_tag else None
             candidate = tagged if tagged is not None else text
-            verdict = _math_verify_match(candidate, str(gold)) if use_math_verify else None
+            if latex_only:
+                verdict = _math_verify_match(candidate, str(gold), latex_only=True)
+            else:
+                verdict = _math_verify_match(candidate, str(gold)) if use_math_verify else None
             if verdict is None:
+                if latex_only:
+                    out.append(None)
+                    continue
                 verdict = answers_match_fallback(candidate, str(gold), tagged=tagged is not None)
             out.append(1.0 if verdict else 0.0)
         return out
@@ -133,6 +172,23 @@ def make_format_reward(
         return [1.0 if match(completion_text(c)) else 0.0 for c in completions]
 
     return format_reward
+
+
+def make_think_format_reward(think_tag: str = "think") -> Callable:
+    """Reasoning-format reward: 1.0 when the completion starts with ``<think>``, opens it only once, and closes
+    it (``</think>``) later; whatever follows is free. Else 0.0. (TRL's ``think_format_reward``.)"""
+    open_tag, close_tag = f"<{think_tag}>", f"</{think_tag}>"
+
+    def think_format(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Any = None,
+                     **kwargs: Any) -> list[float | None]:
+        out: list[float | None] = []
+        for completion in completions:
+            text = completion_text(completion)
+            ok = text.startswith(open_tag) and text.count(open_tag) == 1 and close_tag in text[len(open_tag):]
+            out.append(1.0 if ok else 0.0)
+        return out
+
+    return think_format
 
 
 def make_soft_overlong_reward(max_completion_length: int, overlong_buffer: int | None = None) -> Callable:
@@ -182,6 +238,7 @@ def make_length_reward(target_length: int | None = None, max_completion_length: 
 BUILTIN_REWARDS: dict[str, Callable[..., Callable]] = {
     "accuracy": make_accuracy_reward,
     "format": make_format_reward,
+    "think_format": make_think_format_reward,
     "soft_overlong": make_soft_overlong_reward,
     "length": make_length_reward,
 }
@@ -195,6 +252,30 @@ def builtin_factory(name: str) -> Callable[..., Callable] | None:
     from ...tasks.rewards import TASK_REWARDS  # the tasks' own rewards, imported when a name asks for them
 
     return TASK_REWARDS.get(name)
+
+
+# TRL CLI name -> (built-in, its options, the name TRL logs its metrics under). TRL's CLI fixes the soft
+# overlong punishment at max_completion_len=1280, soft_punish_cache=256 whatever the run's completion length.
+TRL_CLI_REWARDS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "accuracy_reward": ("accuracy", {"answer_tag": None, "latex_only": True}, "accuracy_reward"),
+    "reasoning_accuracy_reward": (
+        "accuracy", {"answer_tag": None, "latex_only": True, "answer_after": "</think>"}, "reasoning_accuracy_reward"),
+    "think_format_reward": ("think_format", {}, "think_format_reward"),
+    "get_soft_overlong_punishment": (
+        "soft_overlong", {"max_completion_length": 1280, "overlong_buffer": 256}, "soft_overlong_punishment_reward"),
+}
+
+
+def make_trl_cli_reward(name: str) -> Callable:
+    """The reward TRL 1.16's command line means by `name` (`accuracy_reward`, `reasoning_accuracy_reward`,
+    `think_format_reward`, `get_soft_overlong_punishment`), as the configured built-in that computes it,
+    named as TRL names its metrics (``rewards/<name>/mean``)."""
+    if name not in TRL_CLI_REWARDS:
+        raise KeyError(f"{name!r} is not a reward name of TRL's command line; those are {sorted(TRL_CLI_REWARDS)}")
+    builtin, options, metric_name = TRL_CLI_REWARDS[name]
+    func = BUILTIN_REWARDS[builtin](**options)
+    func.__name__ = metric_name
+    return func
 
 
 def builtin_names() -> Sequence[str]:
