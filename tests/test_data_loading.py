@@ -166,3 +166,18 @@ def test_every_method_command_gets_no_eval_from_one_file(tmp_path):
         assert load_script_datasets(script)[1] is None, name
         off, *_ = parse_method_args(name, ["--dataset_test_split", "none", "--output_dir", str(tmp_path / name)])
         assert load_script_datasets(off)[1] is None, name
+
+
+def test_a_folder_given_as_eval_dataset_is_its_test_split(tmp_path):
+    import json
+
+    from posttrain import SFTConfig, SFTTrainer
+
+    for split, n in (("train", 6), ("test", 2)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"prompt": f"{split} {i} =", "completion": f" {i}"}) + "\n")
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", save_strategy="no",
+                     disable_tqdm=True)
+    trainer = SFTTrainer("tiny:nano", args=args, train_dataset=str(tmp_path), eval_dataset=str(tmp_path))
+    assert len(trainer.train_dataset) == 6 and len(trainer.eval_dataset) == 2

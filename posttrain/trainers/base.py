@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..data import DatasetKind, FormatInfo, load_any, trainer_tokenizer, validate_dataset
+from ..data import DatasetKind, FormatInfo, load_any, load_held_out, trainer_tokenizer, validate_dataset
 from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
 from ..ops.attention import use_varlen_attention
 from ..ops.memory import tune_cpu_allocator
@@ -213,7 +213,8 @@ class PostTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ data
     def prepare_dataset(self, dataset: Any, name: str) -> datasets.Dataset:
         """Load, validate and tokenize one dataset; report (never silently drop) truncated rows."""
-        dataset = load_any(dataset)
+        # an eval set given as a folder or a DatasetDict is its held-out split, never its train split
+        dataset = load_held_out(dataset) if name.startswith("eval") else load_any(dataset)
         info = validate_dataset(dataset, self.accepted_formats)
         dataset = self.preprocess_dataset(dataset, info)
         tokenized = dataset.map(

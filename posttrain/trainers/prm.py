@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..data import DatasetKind, FormatInfo, PaddingCollator, load_any, validate_dataset
+from ..data import DatasetKind, FormatInfo, PaddingCollator, load_any, load_held_out, validate_dataset
 from ..losses.prm import IGNORE_INDEX, aggregate_step_scores, last_step_mask, prm_loss
 from ..models import unwrap_model
 from ..online.rewards.inputs import encode_steps
@@ -129,7 +129,7 @@ def step_accuracy(
     ``majority_baseline`` (the accuracy of always predicting the more frequent label), ``positive_accuracy``
     and ``negative_accuracy`` (accuracy on steps labelled correct / incorrect) and ``num_steps``.
     """
-    dataset = load_any(dataset)
+    dataset = load_held_out(dataset)  # a folder or DatasetDict: its held-out split
     validate_dataset(dataset, [DatasetKind.STEPWISE])
     prompts, solutions, labels = dataset["prompt"], dataset["completions"], dataset["labels"]
     probs = score_steps_batch(model, tokenizer, prompts, solutions, separator=separator,

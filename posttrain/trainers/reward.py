@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Sequence
 import datasets
 import torch
 
-from ..data import DatasetFormatError, DatasetKind, FormatInfo, load_any, split_implicit_prompt, validate_dataset
+from ..data import DatasetFormatError, DatasetKind, FormatInfo, load_any, load_held_out, split_implicit_prompt, validate_dataset
 from ..losses.reward import bradley_terry_loss
 from ..online.rewards.inputs import encode_outcome, pad_right
 from ..online.rewards.reward_model import score_outcomes
@@ -141,7 +141,7 @@ def pairwise_accuracy(
 ) -> float:
     """Fraction of preference pairs in `dataset` whose chosen completion the model scores higher
     (ties count one half): the held-out accuracy of a reward model, over the whole dataset."""
-    dataset = load_any(dataset)
+    dataset = load_held_out(dataset)  # a folder or DatasetDict: its held-out split
     info = validate_dataset(dataset, [DatasetKind.PREFERENCE])
     rows = [split_implicit_prompt(r) if info.implicit_prompt else r for r in dataset]
     prompts = [r["prompt"] for r in rows]

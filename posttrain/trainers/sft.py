@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import datasets
 import torch
 
-from ..data import DatasetFormatError, DatasetKind, FormatInfo, PaddingCollator, PaddingFreeCollator, load_any
+from ..data import DatasetFormatError, DatasetKind, FormatInfo, PaddingCollator, PaddingFreeCollator, load_any, load_held_out
 from ..data import pack_dataset, tokenize_messages, tokenize_prompt_completion, tokenize_text, validate_dataset
 from ..losses.sft import sft_loss
 from ..ops import token_logps
@@ -131,7 +131,7 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         if isinstance(dataset, (list, tuple, dict)) and plain_columns:
             # Python rows are checked before Arrow conversion, which fails on a mistyped row without saying which.
             validate_dataset(dataset, self.accepted_formats)
-        dataset = load_any(dataset)
+        dataset = load_held_out(dataset) if name.startswith("eval") else load_any(dataset)
         columns = dataset.column_names
         if "input_ids" in columns:
             if self.formatting_func is not None:
