@@ -78,7 +78,8 @@ class RolloutWorker:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "posttrain.online.server", "--model", str(self.folder), "--backend",
                self.backend, "--host", "127.0.0.1", "--port", "0", "--seed", str(self.seed)]
-        if self.num_threads:
+        if self.num_threads and self.backend == "hf":  # vLLM's CPU backend sizes its own thread pool (its
+            # attention kernels check that torch's thread count matches the pool they planned for)
             cmd += ["--num-threads", str(self.num_threads)]
         return cmd + self.extra_args
 

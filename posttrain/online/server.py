@@ -254,7 +254,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         logger.warning("binding to %s: anyone who can reach it can replace the weights; the server has no "
                        "authentication, keep it on a trusted network", args.host)
     limits = limits_from_args(args)
-    if args.num_threads:
+    if args.num_threads and args.backend == "vllm":
+        logger.warning("--num-threads applies to the HF backend; vLLM's CPU backend sizes its own thread pool")
+    elif args.num_threads:
         import torch
 
         torch.set_num_threads(args.num_threads)
