@@ -146,6 +146,31 @@ def raw_request(host: str, port: int, data: bytes, *, half_close: bool = True, t
     return parse_reply(b"".join(chunks), error)
 
 
+def trickle_request(host: str, port: int, prefix: bytes, trickle: bytes, *, interval: float = 0.1,
+                    seconds: float = 10.0) -> RawReply:
+    """A slow client: send `prefix` at once, then `trickle` one byte every `interval` seconds (each send
+    succeeds, the request as a whole is late) until the server answers or `seconds` pass; read the reply."""
+    import select
+    import socket
+
+    sock = socket.create_connection((host, port), timeout=seconds + 5)
+    data = b""
+    try:
+        sock.sendall(prefix)
+        end = time.monotonic() + seconds
+        for byte in trickle:
+            if time.monotonic() > end or select.select([sock], [], [], interval)[0]:
+                break  # the server answered (or we gave up): stop sending, read it
+            sock.sendall(bytes([byte]))
+        while piece := sock.recv(65536):
+            data += piece
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return parse_reply(data)
+
+
 def parse_reply(data: bytes, error: str = "") -> RawReply:
     head, sep, body = data.partition(b"\r\n\r\n")
     match = re.match(rb"HTTP/1\.[01] (\d{3}) ", head)

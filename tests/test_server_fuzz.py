@@ -27,7 +27,8 @@ from posttrain.online.engines import SamplingParams
 from posttrain.online.server_requests import ServerLimits
 from posttrain.online.weights import weights_to_bytes
 
-from _server_helpers import (RawReply, http_request, parse_reply, raw_request, serve_in_thread, start_server,
+from _server_helpers import (RawReply, http_request, raw_request, serve_in_thread, start_server,
+                             trickle_request,
                              stop_in_thread)
 
 HOST = "127.0.0.1"  # loopback only, always
@@ -253,24 +254,8 @@ def _check(case: Case, reply: RawReply, reference: list[list[int]]) -> str | Non
 
 def _slowloris(port: int, seconds: float, results: list) -> None:
     """Trickle an endless header one byte every 0.2 s until the server gives up (bounded by `seconds`)."""
-    import select
-    import socket
-
-    sock = socket.create_connection((HOST, port), timeout=seconds + 5)
-    data = b""
-    try:
-        end = time.monotonic() + seconds
-        for byte in b"POST /generate HTTP/1.1\r\nX-Slow: " + b"a" * 1000:
-            if time.monotonic() > end or select.select([sock], [], [], 0.2)[0]:
-                break
-            sock.sendall(bytes([byte]))
-        while piece := sock.recv(65536):
-            data += piece
-    except OSError:
-        pass
-    finally:
-        sock.close()
-    results.append(parse_reply(data))
+    results.append(trickle_request(HOST, port, b"", b"POST /generate HTTP/1.1\r\nX-Slow: " + b"a" * 1000,
+                                   interval=0.2, seconds=seconds))
 
 
 def run_fuzz(port: int, pid: int, *, count: int, batch: int, seed: int, time_limit: float, alive=lambda: True,

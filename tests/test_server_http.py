@@ -4,7 +4,6 @@ busy answers, handler failures, and the client's RolloutServerError."""
 from __future__ import annotations
 
 import json
-import select
 import socket
 import threading
 import time
@@ -19,7 +18,8 @@ from posttrain.online.engines import SamplingParams
 from posttrain.online.server_requests import ServerLimits
 from posttrain.online.weights import weights_to_bytes
 
-from _server_helpers import http_request, parse_reply, raw_request, serve_in_thread, stop_in_thread, wait_for
+from _server_helpers import (http_request, raw_request, serve_in_thread, stop_in_thread, trickle_request,
+                             wait_for)
 
 TIMEOUT = 1.0
 LIMITS = ServerLimits(max_request_mb=1, max_upload_mb=2, max_buffered_mb=3, request_timeout=TIMEOUT, max_n=4,
@@ -114,21 +114,7 @@ def test_slow_clients_time_out_without_blocking_others(server):
     replies: list = []
 
     def trickle(prefix: bytes, partial: bytes) -> None:
-        sock = socket.create_connection((server.host, server.port), timeout=10)
-        data = b""
-        try:
-            sock.sendall(prefix)
-            for byte in partial:  # one byte every 0.1 s: each recv succeeds, the whole request is late
-                if select.select([sock], [], [], 0.1)[0]:
-                    break  # the server answered: stop sending, read it
-                sock.sendall(bytes([byte]))
-            while piece := sock.recv(65536):
-                data += piece
-        except OSError:
-            pass
-        finally:
-            sock.close()
-        replies.append(parse_reply(data))
+        replies.append(trickle_request(server.host, server.port, prefix, partial))
 
     slow = [(b"", b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 40),
             (b"POST /generate HTTP/1.1\r\nContent-Length: 500\r\n\r\n", b"[" * 40)] * 4
