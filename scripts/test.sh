@@ -20,7 +20,7 @@ else
   MARKERS="not slow and not vllm and not minilm"
 fi
 set +e
-python -m pytest -q -m "$MARKERS" -p no:cacheprovider
+python -m pytest -q -m "$MARKERS" -p no:cacheprovider --durations=30
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

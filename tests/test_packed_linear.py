@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from posttrain.ops import packed_linear, selective_log_softmax_ext
+from posttrain.ops.fast_paths import cpu_fast_paths
 from posttrain.ops.packed_linear import PackedLinear, onednn_linear_available
 
 from test_ops import make, written_out
@@ -41,13 +42,8 @@ def test_small_float64_and_switched_off_weights_are_not_packed(monkeypatch):
     out = torch.empty(3, 50)
     small = PackedLinear(torch.randn(50, 8), 3)
     assert small(torch.randn(3, 8), out=out).data_ptr() == out.data_ptr()  # the plain path fills `out`
-    monkeypatch.setenv("POSTTRAIN_ONEDNN_LINEAR", "0")
-    onednn_linear_available.cache_clear()
-    try:
+    with cpu_fast_paths(False):  # the config field cpu_fast_paths=False
         assert PackedLinear(big, 32).packed is None
-    finally:
-        monkeypatch.delenv("POSTTRAIN_ONEDNN_LINEAR")
-        onednn_linear_available.cache_clear()
 
 
 @pytest.mark.parametrize("keep_logits", [False, True], ids=["recompute", "kept"])

@@ -29,6 +29,7 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..ops.fast_paths import fast_paths_enabled
 from ..ops.forward import decoder_module, output_head
 from ..ops.packed_linear import PackedLinear
 from ..ops.wrappers import unwrap_model
@@ -101,7 +102,7 @@ def decode(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, processo
     batch, length = input_ids.shape
     head = PackedLinear(weight, batch, bias)
     total = length + max_new_tokens
-    runner = (KVDecoder(decoder, batch, total) if supports_kv_decoder(decoder, total)
+    runner = (KVDecoder(decoder, batch, total) if fast_paths_enabled() and supports_kv_decoder(decoder, total)
               else _HFDecoder(decoder, attention_mask, max_new_tokens))
     sequences = torch.full((batch, total), pad_token_id, dtype=torch.long, device=input_ids.device)
     sequences[:, :length] = input_ids

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .fast_paths import fast_paths_enabled
 from .packed_linear import PackedLinear
 
 __all__ = ["selective_log_softmax", "selective_log_softmax_ext", "argmax_tokens", "naive_log_softmax",
@@ -84,7 +85,7 @@ _spare_probs: list[Tensor] = []
 
 def _take_probs_buffer(like: Tensor, rows: int, vocab: int, dtype: torch.dtype) -> Tensor:
     """A ``[rows, vocab]`` buffer: the spare one when it is big enough (taken out of the pool), else new."""
-    if like.device.type == "cpu" and _spare_probs:
+    if like.device.type == "cpu" and _spare_probs and fast_paths_enabled():
         spare = _spare_probs.pop()
         if spare.dtype == dtype and spare.numel() >= rows * vocab:
             return spare[: rows * vocab].view(rows, vocab)
@@ -93,7 +94,7 @@ def _take_probs_buffer(like: Tensor, rows: int, vocab: int, dtype: torch.dtype) 
 
 def _return_probs_buffer(probs: Tensor) -> None:
     """Keep ``probs``'s storage as the spare buffer (CPU only, when there is none)."""
-    if probs.device.type != "cpu" or _spare_probs:
+    if probs.device.type != "cpu" or _spare_probs or not fast_paths_enabled():
         return
     flat = torch.empty(0, dtype=probs.dtype).set_(probs.untyped_storage())
     _spare_probs.append(flat)

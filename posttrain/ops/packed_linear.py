@@ -18,18 +18,19 @@ row blocks gain nothing, and backward's products (``[N, V] x [V, H]`` and ``[V, 
 
 `PackedLinear` takes this path for a float32 CPU weight of at least ``MIN_PACKED_ELEMENTS`` when PyTorch's
 oneDNN ops are present and agree with ``torch.mm`` on a probe (checked once per process); anything else
-(GPUs, bf16, small weights, a PyTorch without oneDNN) multiplies as usual. ``POSTTRAIN_ONEDNN_LINEAR=0`` turns
-the path off. The two paths sum in different orders, so logits differ in the last float32 bits.
+(GPUs, bf16, small weights, a PyTorch without oneDNN) multiplies as usual. The config field
+``cpu_fast_paths=False`` turns the path off (`posttrain.ops.fast_paths`). The two paths sum in different orders, so logits differ in the last float32 bits.
 Only torch is imported here (see docs/internals.md).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
+
+from .fast_paths import fast_paths_enabled
 
 __all__ = ["PackedLinear", "onednn_linear_available", "MIN_PACKED_ELEMENTS", "MIN_PACKED_PROJECTION_ELEMENTS"]
 
@@ -44,7 +45,7 @@ _MAX_PACKED_ROWS = 1024  # from about 2048 rows on, MKL matched oneDNN (table ab
 @functools.lru_cache(maxsize=1)
 def onednn_linear_available() -> bool:
     """Whether oneDNN's packed linear ops exist here and match ``torch.mm`` (probed once per process)."""
-    if os.environ.get("POSTTRAIN_ONEDNN_LINEAR", "1") == "0" or not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
         gen = torch.Generator().manual_seed(0)
@@ -86,4 +87,4 @@ class PackedLinear:
 def _worth_packing(weight: Tensor, rows: int, min_elements: int) -> bool:
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
             and weight.numel() >= min_elements and 0 < rows <= _MAX_PACKED_ROWS
-            and onednn_linear_available())
+            and fast_paths_enabled() and onednn_linear_available())

@@ -27,6 +27,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from ..data import DatasetKind, FormatInfo, load_any, load_held_out, trainer_tokenizer, validate_dataset
 from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
 from ..ops.attention import use_varlen_attention
+from ..ops.fast_paths import cpu_bf16_is_fast, cpu_fast_paths
 from ..ops.memory import tune_cpu_allocator
 from ._args import as_method_config, seed_run
 from .callbacks import LossPlotCallback, ReleaseBuffersCallback, RichProgressCallback
@@ -40,13 +41,20 @@ def _cpu_only_multiprocess_launch() -> bool:
     """True under a multi-process launcher (``WORLD_SIZE > 1``) on a machine with no accelerator."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
+    return not _has_accelerator()
+
+
+def _has_accelerator() -> bool:
     accel = getattr(torch, "accelerator", None)
-    has_accelerator = accel.is_available() if accel is not None else torch.cuda.is_available()
-    return not has_accelerator
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
 
 
-def _bf16_default() -> bool:
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+def _bf16_default(use_cpu: bool) -> bool:
+    """bf16 mixed precision where it is fast: a GPU that supports it, or a CPU whose bf16 products beat
+    float32 (native AVX512_BF16/AMX, probed once per process); float32 elsewhere (AVX2-only CPUs emulate bf16)."""
+    if torch.cuda.is_available() and not use_cpu:
+        return bool(torch.cuda.is_bf16_supported())
+    return cpu_bf16_is_fast()
 
 
 @dataclass
@@ -89,7 +97,16 @@ class PostTrainConfig(TrainingArguments):
         default=False, metadata={"help": "Kept False: posttrain trainers select the columns they need."}
     )
     bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision. Default: on where a GPU supports it, off on CPU."}
+        default=None, metadata={"help": "bf16 mixed precision (bf16 matmuls; float32 weights, optimizer state "
+                                "and loss math). Default (unset, or 'auto' from Python): on where it is faster, "
+                                "i.e. a GPU that supports it or a CPU with native bf16 (AVX512_BF16/AMX, probed "
+                                "at run time), float32 elsewhere."}
+    )
+    cpu_fast_paths: bool = field(
+        default=True, metadata={"help": "CPU speed paths chosen at run time from the hardware (oneDNN weight "
+                                "packing, the kept-probability buffer pool, the KV-cache decode step, glibc "
+                                "malloc tuning). False runs the plain PyTorch paths (same results up to float "
+                                "rounding)."}
     )
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin host memory in data loaders."})
 
@@ -99,8 +116,6 @@ class PostTrainConfig(TrainingArguments):
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
             except json.JSONDecodeError as err:
                 raise ValueError(f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r}: {err}")
-        if self.bf16 is None:
-            self.bf16 = _bf16_default()
         if self.output_dir is None:
             self.output_dir = f"runs/{type(self).__name__.removesuffix('Config').lower() or 'posttrain'}"
         if not self.use_cpu and _cpu_only_multiprocess_launch():
@@ -108,6 +123,10 @@ class PostTrainConfig(TrainingArguments):
             # every process of `torchrun` / `accelerate launch` would train its own copy, silently
             logger.info("several processes on a machine without an accelerator: use_cpu=True (DDP over gloo)")
             self.use_cpu = True
+        if self.bf16 is None or self.bf16 == "auto":
+            self.bf16 = _bf16_default(self.use_cpu)
+        if self.bf16 and not self.use_cpu and not _has_accelerator():
+            self.use_cpu = True  # transformers runs bf16 autocast on a CPU only with use_cpu set
         super().__post_init__()
 
 
@@ -141,8 +160,6 @@ class PostTrainer(Trainer):
         args = self.resolve_args(args)
         self._check_eval_metrics_supported(kwargs)
         seed_run(args)  # before the model, its adapters or its heads are built (TRL order)
-        if not torch.cuda.is_available():
-            tune_cpu_allocator()  # large tensors back to the OS on free: no RSS creep on CPU
         self.model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         model = self.load_model(model, args)
         if processing_class is None:
@@ -290,6 +307,21 @@ class PostTrainer(Trainer):
         reduced.update({k.split("/", 1)[1]: v for k, v in self._totals.items() if k.startswith(f"{mode}/")})
         self._metrics[mode].clear()
         return reduced
+
+    # ------------------------------------------------------------------- the CPU speed paths, scoped
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.args.cpu_fast_paths and self.args.device.type == "cpu":
+            tune_cpu_allocator()  # large tensors back to the OS on free: no RSS creep on CPU
+        with cpu_fast_paths(self.args.cpu_fast_paths):
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        with cpu_fast_paths(self.args.cpu_fast_paths):
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        with cpu_fast_paths(self.args.cpu_fast_paths):
+            return super().predict(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
