@@ -7,15 +7,17 @@ so every script should print :func:`measure_matmul_peak` next to its own FLOP ra
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import resource
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -362,3 +364,52 @@ def print_report(report: Mapping[str, Any], title: str | None = None, file: Any 
     text = "\n".join(out)
     print(text, file=file or sys.stdout)
     return text
+
+
+# ------------------------------------------------------------------------------------------ peers
+PEER_VENV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", ".venv-trl")
+
+
+def export_for_peer(folder: str, model: Any, tokenizer: Any, rows: list[dict], settings: Mapping[str, Any]) -> None:
+    """Write the model (safetensors + tokenizer), the rows (`rows.jsonl`) and the settings (`settings.json`)
+    that a peer script in `benchmarks/peers/` trains on: both sides see the same weights and data."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(os.path.join(folder, "model"))
+    tokenizer.save_pretrained(os.path.join(folder, "model"))
+    with open(os.path.join(folder, "rows.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    with open(os.path.join(folder, "settings.json"), "w") as f:
+        json.dump(dict(settings), f)
+
+
+def run_peer(script: str, folder: str, python: str | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Run `benchmarks/peers/<script>` on an exported folder in the peer's own virtual environment (TRL is never
+    imported here) and return the figures it printed as its last JSON object.
+
+    `python`: the peer venv's interpreter; default `benchmarks/peers/.venv-trl/bin/python`, made by
+    `bash benchmarks/peers/make_venv.sh` (TRL 1.16.0; `make_venv.sh 1.12.0 DIR` for the older peer)."""
+    python = python or os.path.join(PEER_VENV, "bin", "python")
+    if not os.path.exists(python):
+        raise SystemExit(f"no peer interpreter at {python}: run `bash benchmarks/peers/make_venv.sh` first "
+                         "(or pass --peer_python)")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers", script)
+    out = subprocess.run([python, path, folder, *extra], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"peer {script} failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    text = out.stdout
+    return json.loads(text[text.rindex("\n{") + 1 if "\n{" in text else text.index("{"):])
+
+
+def side_by_side(ours: Mapping[str, Any], peer: Mapping[str, Any], keys: Sequence[tuple[str, str, bool]]
+                 ) -> dict[str, Any]:
+    """`{label: "ours | peer | ratio"}` for each `(our key, peer key, higher_is_better)`; the ratio is ours over
+    the peer's for a speed, the peer's over ours for a cost, so > 1 always means posttrain is ahead."""
+    table = {}
+    for our_key, peer_key, higher in keys:
+        a, b = ours.get(our_key), peer.get(peer_key)
+        if a is None or b is None:
+            continue
+        ratio = (a / b if higher else b / a) if a and b else float("nan")
+        table[our_key] = f"posttrain {a:.4g} | TRL {b:.4g} | {ratio:.2f}x"
+    return table

@@ -6,6 +6,11 @@ one epoch. Prints real (non-pad) tokens/s, peak RSS and model-FLOPs utilization 
 peak measured in the same run.
 
     python benchmarks/sft_bench.py [--rows 96] [--padding_free 0|1] [--json out.json]
+    python benchmarks/sft_bench.py --peer trl [--peer_python PATH] [--threads 1]
+
+``--peer trl`` also trains TRL's SFTTrainer (`benchmarks/peers/trl_sft.py`, in the peer's own venv made by
+`benchmarks/peers/make_venv.sh`) on the same model folder, conversations and settings, right after posttrain in
+the same run, and prints both figures with their ratio.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import make_chat_dataset, measure_matmul_peak, model_flops_per_token, peak_rss_bytes, print_report  # noqa: E402
+from common import (  # noqa: E402
+    export_for_peer, make_chat_dataset, measure_matmul_peak, model_flops_per_token, peak_rss_bytes, print_report,
+    run_peer, side_by_side,
+)
 
 
 def main() -> None:
@@ -29,6 +37,9 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--padding_free", type=int, default=None, help="override the default (1)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--peer", choices=["trl"], default=None, help="also time TRL on the same inputs")
+    parser.add_argument("--peer_python", default=None, help="the peer venv's python (default benchmarks/peers/.venv-trl)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides")
     args = parser.parse_args()
 
     import torch
@@ -37,9 +48,15 @@ def main() -> None:
     from posttrain import SFTConfig, SFTTrainer
     from posttrain.models import build_tiny
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak_flops = measure_matmul_peak(torch.float32)
     model, tokenizer = build_tiny("bench", seed=0)
     data = make_chat_dataset(args.rows, seed=0)
+    peer_folder = tempfile.mkdtemp(prefix="sft-peer-") if args.peer else None
+    if peer_folder:  # before training: the peer starts from the same weights
+        export_for_peer(peer_folder, model, tokenizer, data.to_list(),
+                        {"batch_size": args.batch_size, "max_length": args.max_length, "assistant_only_loss": True})
     overrides = {} if args.padding_free is None else {"padding_free": bool(args.padding_free)}
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="sft-bench-"), per_device_train_batch_size=args.batch_size,
@@ -87,6 +104,14 @@ def main() -> None:
         "torch threads": torch.get_num_threads(),
     }
     print_report(figures, title="posttrain SFT benchmark")
+    if peer_folder:
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        peer = run_peer("trl_sft.py", peer_folder, args.peer_python, extra)
+        figures["peer"] = peer
+        figures["side by side"] = side_by_side(figures, peer, [("real tokens/s", "real tokens/s", True),
+                                                               ("peak RSS (GB)", "peak RSS (GB)", False)])
+        print_report(peer, title=f"TRL {peer['trl']} SFT, same model, data and settings")
+        print_report(figures["side by side"], title="side by side (>1x: posttrain ahead)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
