@@ -8,10 +8,12 @@ seconds per step, peak RSS and model-FLOPs utilization against an fp32 matmul pe
 Tokens count every prompt+chosen and prompt+rejected sequence once; FLOPs count the policy's forward and
 backward plus the reference forward on each of them.
 
-Reference point: TRL 1.16's DPOTrainer, same model, data shape and machine: about 84 s per step of 8 pairs
-and 5 GB peak RSS.
-
     python benchmarks/dpo_bench.py [--rows 64] [--precompute_ref_log_probs 0|1] [--json out.json]
+    python benchmarks/dpo_bench.py --peer trl [--peer_python PATH] [--threads 1]
+
+``--peer trl`` also trains TRL's DPOTrainer (`benchmarks/peers/trl_dpo.py`, in the peer's own venv made by
+`benchmarks/peers/make_venv.sh`) on the same model folder, pairs and settings, right after posttrain in the same
+run, and prints both figures with their ratio.
 """
 
 from __future__ import annotations
@@ -26,12 +28,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    make_preference_chat_dataset, measure_matmul_peak, model_flops_per_token, peak_rss_bytes, print_report,
-    step_timer,
+    export_for_peer, make_preference_chat_dataset, measure_matmul_peak, model_flops_per_token, peak_rss_bytes,
+    print_report, run_peer, side_by_side, step_timer,
 )
-
-TRL_SECONDS_PER_STEP = 84.0
-TRL_PEAK_RSS_GB = 5.0
 
 
 def main() -> None:
@@ -42,6 +41,9 @@ def main() -> None:
     parser.add_argument("--padding_free", type=int, default=None, help="override the default (1)")
     parser.add_argument("--precompute_ref_log_probs", type=int, default=None, help="override the default (0)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--peer", choices=["trl"], default=None, help="also time TRL on the same inputs")
+    parser.add_argument("--peer_python", default=None, help="the peer venv's python (default benchmarks/peers/.venv-trl)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides")
     args = parser.parse_args()
 
     import torch
@@ -49,9 +51,15 @@ def main() -> None:
     from posttrain import DPOConfig, DPOTrainer
     from posttrain.models import build_tiny
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak_flops = measure_matmul_peak(torch.float32)
     model, tokenizer = build_tiny("bench", seed=0)
     data = make_preference_chat_dataset(args.rows, seed=0)
+    peer_folder = tempfile.mkdtemp(prefix="dpo-peer-") if args.peer else None
+    if peer_folder:  # before training: the peer starts from the same weights
+        export_for_peer(peer_folder, model, tokenizer, data.to_list(),
+                        {"batch_size": args.batch_size, "max_length": args.max_length})
     overrides = {}
     if args.padding_free is not None:
         overrides["padding_free"] = bool(args.padding_free)
@@ -103,13 +111,17 @@ def main() -> None:
         "matmul peak fp32 (GFLOP/s)": round(peak_flops / 1e9, 1),
         "model GFLOP/s": round(tokens_per_s * flops_per_token / 1e9, 1),
         "MFU": f"{100 * tokens_per_s * flops_per_token / peak_flops:.1f}%",
-        "vs TRL 1.16 (84 s/step, 5 GB)": {
-            "speed-up (s/step)": f"{TRL_SECONDS_PER_STEP / s_per_step:.1f}x",
-            "peak memory share": f"{rss_gb / TRL_PEAK_RSS_GB:.2f}",
-        },
         "torch threads": torch.get_num_threads(),
     }
     print_report(figures, title="posttrain DPO benchmark")
+    if peer_folder:
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        peer = run_peer("trl_dpo.py", peer_folder, args.peer_python, extra)
+        figures["peer"] = peer
+        figures["side by side"] = side_by_side(figures, peer, [("real tokens/s", "real tokens/s", True),
+                                                               ("peak RSS (GB)", "peak RSS (GB)", False)])
+        print_report(peer, title=f"TRL {peer['trl']} DPO, same model, data and settings")
+        print_report(figures["side by side"], title="side by side (>1x: posttrain ahead)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
