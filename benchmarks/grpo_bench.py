@@ -11,6 +11,7 @@ same work TRL does (a backward through every completion).
 
     python benchmarks/grpo_bench.py [--engines hf,vllm,server] [--steps 4] [--json out.json]
     python benchmarks/grpo_bench.py --async [--engines hf] [--threads 2]   # sync hf vs async, same run
+    python benchmarks/grpo_bench.py --engines hf --peer trl [--peer_python PATH] [--threads 1]
 
 Engines: ``hf`` (HF generate on the training model), ``vllm`` (vLLM colocated in this process),
 ``server`` (a `posttrain serve --backend vllm` subprocess; its memory is included in peak RSS);
@@ -18,6 +19,10 @@ Engines: ``hf`` (HF generate on the training model), ``vllm`` (vLLM colocated in
 what a producer thread queues; the trainer and the worker run one torch thread each), ``async-vllm``
 (the same with a vLLM worker). ``--async`` adds ``async`` to the engines and reports its throughput
 against the first synchronous engine's: on 2 cores, compare it with the synchronous run on ``--threads 2``.
+
+``--peer trl`` then times TRL's GRPOTrainer (`benchmarks/peers/trl_grpo.py`, in the peer's own venv made by
+`benchmarks/peers/make_venv.sh`) on the same exported model, prompts and settings, in the same run, and prints
+the ratio against the first engine.
 
 On a machine shared with other jobs, pass ``--threads 1``: with more torch threads than free cores,
 OpenMP barriers wait on descheduled threads and HF generate ran ~7x slower (2 threads vs 1, measured).
@@ -35,7 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from common import RssSampler, print_report  # noqa: E402
+from common import RssSampler, print_report, run_peer, side_by_side  # noqa: E402
 
 PHASES = ("generate", "score", "prepare", "train", "sync")
 ASYNC_PHASES = ("trainer_wait", "prepare", "train", "sync")  # what the training thread spends its time on
@@ -140,6 +145,8 @@ def main() -> None:
     parser.add_argument("--async", dest="run_async", action="store_true",
                         help="also run async GRPO (own HF worker) and report its speed-up over the first engine")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--peer", choices=["trl"], default=None, help="also time TRL on the same inputs")
+    parser.add_argument("--peer_python", default=None, help="the peer venv's python (default benchmarks/peers/.venv-trl)")
     parser.add_argument("--export", default=None,
                         help="write the model, prompts and settings here for benchmarks/peers/trl_grpo.py and stop")
     args = parser.parse_args()
@@ -175,6 +182,19 @@ def main() -> None:
         if sync and "completions/s" in report.get(sync, {}) and "completions/s" in report.get(name, {}):
             report[f"{name} vs {sync}"] = {"throughput ratio": report[name]["completions/s"] /
                                            report[sync]["completions/s"]}
+    if args.peer and engines:
+        args.export = tempfile.mkdtemp(prefix="grpo-peer-")
+        export_for_peer(args)
+        extra = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+        extra += ["--threads", str(args.threads)] if args.threads else []
+        peer = run_peer("trl_grpo.py", args.export, args.peer_python, extra)
+        ours = dict(report.get(engines[0], {}))
+        ours["peak RSS (GiB)"] = ours.get("peak RSS (GiB, with children)")
+        report["peer"] = peer
+        report["side by side"] = side_by_side(ours, {"completions/s": peer["trl completions/s"],
+                                                     "peak RSS (GiB)": peer["peak RSS (GiB)"]},
+                                              [("completions/s", "completions/s", True),
+                                               ("peak RSS (GiB)", "peak RSS (GiB)", False)])
     print_report(report, title="GRPO throughput by rollout engine")
     if args.json:
         with open(args.json, "w") as f:
