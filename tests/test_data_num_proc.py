@@ -18,6 +18,7 @@ import torch
 from posttrain.models import build_tiny
 from posttrain.tasks import ArithmeticTask
 
+from _data_helpers import trainer_case
 from _online_helpers import _one_thread  # noqa: F401  (autouse)
 
 VARIANTS = ("none", "1", "2", "cache_warm")
@@ -32,29 +33,6 @@ def _common(tmp, **kw):
                 save_strategy="no", disable_tqdm=True, logging_steps=1, max_length=60)
     base.update(kw)
     return base
-
-
-def _offline(method: str):
-    """(trainer class, config class, config kwargs, dataset) of each offline method, conversational where the
-    method takes conversations; max_length=60 truncates some rows, so the truncation counts are exercised."""
-    import posttrain as pt
-
-    conv = ArithmeticTask(digits=2, conversational=True)
-    plain = ArithmeticTask(digits=2)
-    table = {
-        "sft": (pt.SFTTrainer, pt.SFTConfig, {}, conv.prompt_completion(8)),
-        "sft_packed": (pt.SFTTrainer, pt.SFTConfig, {"packing": True}, plain.language_modeling(8)),
-        "dpo": (pt.DPOTrainer, pt.DPOConfig, {}, conv.preference(8)),
-        "dpo_implicit": (pt.DPOTrainer, pt.DPOConfig, {}, plain.preference(8, implicit_prompt=True)),
-        "cpo": (pt.CPOTrainer, pt.CPOConfig, {}, conv.preference(8)),
-        "orpo": (pt.ORPOTrainer, pt.ORPOConfig, {}, plain.preference(8)),
-        "kto": (pt.KTOTrainer, pt.KTOConfig, {}, conv.unpaired_preference(8)),
-        "kto_from_pairs": (pt.KTOTrainer, pt.KTOConfig, {}, plain.preference(4)),
-        "bco": (pt.BCOTrainer, pt.BCOConfig, {}, plain.unpaired_preference(8)),
-        "reward": (pt.RewardTrainer, pt.RewardConfig, {}, conv.preference(8)),
-        "prm": (pt.PRMTrainer, pt.PRMConfig, {}, plain.stepwise(8)),
-    }
-    return table[method]
 
 
 def _dataset_for(variant: str, dataset, tmp):
@@ -75,7 +53,8 @@ def _first_loss(trainer) -> float:
 
 
 def _offline_run(method: str, variant: str, tmp):
-    trainer_cls, config_cls, extra, dataset = _offline(method)
+    # max_length=60 truncates some rows, so the truncation counts are compared too
+    trainer_cls, config_cls, extra, dataset = trainer_case(method, 8)
     data = _dataset_for(variant, dataset, tmp)
     results = []
     for _ in range(2 if variant == "cache_warm" else 1):  # cache_warm: the second run reads the cache

@@ -11,6 +11,7 @@ import posttrain as pt
 from posttrain.data import DatasetFormatError
 from posttrain.tasks import ArithmeticTask
 
+from _data_helpers import trainer_case
 from _online_helpers import _one_thread  # noqa: F401  (autouse)
 
 CONV = ArithmeticTask(digits=2, conversational=True)
@@ -24,24 +25,12 @@ def _args(config_cls, tmp, **kw):
     return config_cls(**base)
 
 
-def _cases():
-    return {
-        "sft": (pt.SFTTrainer, pt.SFTConfig, {}, CONV.prompt_completion(12)),
-        "sft_packed": (pt.SFTTrainer, pt.SFTConfig, {"packing": True}, PLAIN.language_modeling(12)),
-        "sft_text_field": (pt.SFTTrainer, pt.SFTConfig, {"dataset_text_field": "body"},
-                           PLAIN.language_modeling(12).rename_column("text", "body")),
-        "dpo": (pt.DPOTrainer, pt.DPOConfig, {}, CONV.preference(12)),
-        "dpo_implicit": (pt.DPOTrainer, pt.DPOConfig, {}, PLAIN.preference(12, implicit_prompt=True)),
-        "kto": (pt.KTOTrainer, pt.KTOConfig, {}, CONV.unpaired_preference(12)),
-        "kto_from_pairs": (pt.KTOTrainer, pt.KTOConfig, {}, PLAIN.preference(6)),
-        "reward": (pt.RewardTrainer, pt.RewardConfig, {}, CONV.preference(12)),
-        "prm": (pt.PRMTrainer, pt.PRMConfig, {}, PLAIN.stepwise(12)),
-    }
+STREAMED = ["sft", "sft_packed", "sft_text_field", "dpo", "dpo_implicit", "kto", "kto_from_pairs", "reward", "prm"]
 
 
-@pytest.mark.parametrize("method", list(_cases()))
+@pytest.mark.parametrize("method", STREAMED)
 def test_a_stream_tokenizes_to_the_same_rows_and_counts_as_the_dataset(method, tmp_path):
-    trainer_cls, config_cls, extra, data = _cases()[method]
+    trainer_cls, config_cls, extra, data = trainer_case(method, 12)
     memory = trainer_cls(model="tiny:nano", args=_args(config_cls, tmp_path, **extra), train_dataset=data)
     streamed = trainer_cls(model="tiny:nano", args=_args(config_cls, tmp_path, **extra),
                            train_dataset=data.to_iterable_dataset())
@@ -52,7 +41,7 @@ def test_a_stream_tokenizes_to_the_same_rows_and_counts_as_the_dataset(method, t
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "reward"])
 def test_a_bad_row_in_a_stream_stops_training_before_it_is_trained_on(method, tmp_path):
-    trainer_cls, config_cls, extra, data = _cases()[method]
+    trainer_cls, config_cls, extra, data = trainer_case(method, 12)
     rows = data.to_list()
     field = "completion" if method == "sft" else "rejected"
     rows[5][field] = None  # in the second batch of 4
@@ -101,11 +90,12 @@ def _losses(trainer):
     return [round(h["loss"], 6) for h in trainer.state.log_history if "loss" in h]
 
 
+@pytest.mark.slow  # three short runs and a checkpoint: ~12 s each
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_streamed_training_resumes_where_it_stopped(method, tmp_path):
     """4 steps in one go, and 2 steps + a resumed run of 2 more, log the same losses: the resumed run skipped
     exactly the rows the first one consumed."""
-    trainer_cls, config_cls, extra, _ = _cases()[method]
+    trainer_cls, config_cls, extra, _ = trainer_case(method)
     data = (CONV.prompt_completion(24) if method == "sft" else CONV.preference(24)).to_iterable_dataset()
     kw = dict(max_steps=4, learning_rate=1e-2, **extra)
     whole = trainer_cls(model="tiny:nano", args=_args(config_cls, tmp_path / "whole", **kw), train_dataset=data)
@@ -138,6 +128,7 @@ def _grpo(tmp, reward, **kw):
     return pt.GRPOTrainer("tiny:nano", reward, args, train_dataset=CONV.prompt_only(40).to_iterable_dataset())
 
 
+@pytest.mark.slow  # three short GRPO runs and a checkpoint: ~20 s
 def test_streamed_grpo_trains_and_resumes_with_the_prompts_it_had_not_drawn(tmp_path):
     whole_log, first_log, resumed_log = _PromptLog(), _PromptLog(), _PromptLog()
     whole = _grpo(tmp_path / "whole", whole_log, max_steps=4)
