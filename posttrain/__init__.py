@@ -39,6 +39,8 @@ _EXPORTS: dict[str, str] = {
     "BCOTrainer": "posttrain.trainers.bco",
     "RewardComposer": "posttrain.online.rewards",
     "RewardFunctionError": "posttrain.online.rewards",
+    "DatasetSource": "posttrain.data.mixtures",
+    "mix_datasets": "posttrain.data.mixtures",
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 
@@ -19,6 +19,9 @@ __all__ = ["ScriptArguments", "load_script_datasets", "peft_config_from_args"]
 @dataclass
 class ScriptArguments:
     """Model, data and adapter options of the command line."""
+
+    # in YAML a `datasets:` entry may be a mapping of DatasetSource fields (checked by posttrain.data.mixtures)
+    yaml_field_types: ClassVar[dict[str, Any]] = {"datasets": list[str | dict] | None}
 
     model_name_or_path: str = field(
         default="tiny:small",
@@ -44,6 +47,15 @@ class ScriptArguments:
         default=None, metadata={"help": "A separate evaluation file, folder or hub dataset: its dataset_test_split, "
                                 "by default its 'test' split or, with one split only (a single file), all of it."}
     )
+    datasets: list[str] | None = field(
+        default=None, metadata={"help": "A mixture of datasets, in place of dataset_name: in YAML a list of "
+                                "{path, name, split, columns, weight | count} entries (see posttrain.data.mixtures); "
+                                "as a flag, paths or JSON objects of those fields. Drawn with dataset_mixture_seed; "
+                                "evaluation comes from eval_dataset_name."})
+    dataset_mixture_seed: int = field(default=0, metadata={"help": "Seed of the mixture's draws and interleaving."})
+    dataset_streaming: bool = field(
+        default=False, metadata={"help": "Stream the training data (an IterableDataset, read as training goes: "
+                                 "needs max_steps) instead of loading it whole."})
     task_digits: int = field(default=2, metadata={"help": "Built-in arithmetic task: digits per operand."})
     task_train_size: int = field(default=2000, metadata={"help": "Built-in task: training rows."})
     task_test_size: int = field(default=200, metadata={"help": "Built-in task: held-out rows."})
@@ -91,6 +103,8 @@ def load_script_datasets(
     """
     from .data import held_out_split, load_any, load_held_out, split_names
 
+    if args.datasets:
+        return _mixture_datasets(args)
     test_split = None if _eval_off(args.dataset_test_split) else args.dataset_test_split
     auto = test_split == "auto"
     if args.dataset_name.startswith("task:"):
@@ -124,6 +138,11 @@ def load_script_datasets(
                     logger.warning("%s has no 'test' split%s: training without evaluation (name one with "
                                    "dataset_test_split, or give eval_dataset_name)", args.dataset_name,
                                    f" (its splits: {names})" if names else "")
+    if args.dataset_streaming:
+        if args.dataset_name.startswith("task:"):
+            train = train.to_iterable_dataset()
+        else:
+            train = load_any(args.dataset_name, split=args.dataset_train_split, streaming=True, **kwargs)
     if test_split is None:
         if args.eval_dataset_name:
             logger.warning("dataset_test_split is none: eval_dataset_name %r is not used", args.eval_dataset_name)
@@ -135,6 +154,24 @@ def load_script_datasets(
                              "the evaluation would score the training rows")
         test = load_held_out(args.eval_dataset_name, split=split)
     return train, test
+
+
+def _mixture_datasets(args: ScriptArguments) -> tuple[Any, datasets.Dataset | None]:
+    """The `datasets:` mixture (train) and eval_dataset_name's held-out rows (the evaluation, if given)."""
+    import json
+
+    from .data import load_held_out
+    from .data.mixtures import mix_datasets
+
+    sources = [json.loads(s) if isinstance(s, str) and s.lstrip().startswith("{") else s for s in args.datasets]
+    if args.dataset_name != "task:arithmetic":
+        logger.warning("datasets (a mixture) is given: dataset_name %r is not used", args.dataset_name)
+    train = mix_datasets(sources, args.dataset_mixture_seed, streaming=args.dataset_streaming)
+    if args.eval_dataset_name and not _eval_off(args.dataset_test_split):
+        split = None if args.dataset_test_split == "auto" else args.dataset_test_split
+        return train, load_held_out(args.eval_dataset_name, split=split)
+    logger.info("a dataset mixture trains without evaluation unless eval_dataset_name is given")
+    return train, None
 
 
 def _same_source(a: str, b: str) -> bool:

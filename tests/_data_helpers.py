@@ -31,3 +31,29 @@ def env_reward(prompts, completions, **kwargs):
     import os
 
     return [float(os.environ["POSTTRAIN_TEST_REWARD"])] * len(completions)
+
+
+def trainer_case(method: str, n: int = 8):
+    """(trainer class, config class, config kwargs, dataset of about `n` rows) of each offline method, on the
+    arithmetic task, conversational where the method takes conversations (for the data-pipeline tests)."""
+    import posttrain as pt
+    from posttrain.tasks import ArithmeticTask
+
+    conv, plain = ArithmeticTask(digits=2, conversational=True), ArithmeticTask(digits=2)
+    table = {
+        "sft": (pt.SFTTrainer, pt.SFTConfig, {}, lambda: conv.prompt_completion(n)),
+        "sft_packed": (pt.SFTTrainer, pt.SFTConfig, {"packing": True}, lambda: plain.language_modeling(n)),
+        "sft_text_field": (pt.SFTTrainer, pt.SFTConfig, {"dataset_text_field": "body"},
+                           lambda: plain.language_modeling(n).rename_column("text", "body")),
+        "dpo": (pt.DPOTrainer, pt.DPOConfig, {}, lambda: conv.preference(n)),
+        "dpo_implicit": (pt.DPOTrainer, pt.DPOConfig, {}, lambda: plain.preference(n, implicit_prompt=True)),
+        "cpo": (pt.CPOTrainer, pt.CPOConfig, {}, lambda: conv.preference(n)),
+        "orpo": (pt.ORPOTrainer, pt.ORPOConfig, {}, lambda: plain.preference(n)),
+        "kto": (pt.KTOTrainer, pt.KTOConfig, {}, lambda: conv.unpaired_preference(n)),
+        "kto_from_pairs": (pt.KTOTrainer, pt.KTOConfig, {}, lambda: plain.preference(n // 2)),
+        "bco": (pt.BCOTrainer, pt.BCOConfig, {}, lambda: plain.unpaired_preference(n)),
+        "reward": (pt.RewardTrainer, pt.RewardConfig, {}, lambda: conv.preference(n)),
+        "prm": (pt.PRMTrainer, pt.PRMConfig, {}, lambda: plain.stepwise(n)),
+    }
+    trainer_cls, config_cls, extra, data = table[method]
+    return trainer_cls, config_cls, extra, data()

@@ -312,6 +312,15 @@ def validate_dataset(dataset: Any, accepted: Sequence[DatasetKind] | None = None
     return info
 
 
+def validate_row(row: Mapping[str, Any], info: FormatInfo, index: int) -> None:
+    """Check one row (of a stream, as it arrives) against the format `info` found; a bad row raises
+    `DatasetFormatError` naming `index` (its position in the stream) and the field."""
+    try:
+        _validate_rows(_Table([dict(row)]), info)
+    except DatasetFormatError as err:
+        raise DatasetFormatError(f"row {index}{str(err)[len('row 0'):]}") from None
+
+
 def _split_text(chosen: str, rejected: str) -> int:
     """Length of the shared prompt of two strings: the common prefix cut back to a word boundary.
 
@@ -353,27 +362,30 @@ def split_implicit_prompt(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def unpair_row(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One preference pair as two unpaired rows, `(prompt, completion=chosen, label=True)` then
+    `(prompt, completion=rejected, label=False)`, other keys copied to both; an implicit prompt is split."""
+    row = split_implicit_prompt(row)
+    extras = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    return [{"prompt": row["prompt"], "completion": row[key], "label": label, **extras}
+            for key, label in (("chosen", True), ("rejected", False))]
+
+
 def unpair_preference(dataset: datasets.Dataset) -> datasets.Dataset:
     """Turn a paired preference dataset into unpaired rows (for KTO/BCO).
 
     Each pair becomes two consecutive rows: `(prompt, completion=chosen, label=True)` and
     `(prompt, completion=rejected, label=False)`; extra columns are copied to both. Implicit prompts are split.
     """
-    info = validate_dataset(dataset, [DatasetKind.PREFERENCE])
+    validate_dataset(dataset, [DatasetKind.PREFERENCE])
     extras = [c for c in dataset.column_names if c not in ("prompt", "chosen", "rejected")]
 
     def unpair(batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"prompt": [], "completion": [], "label": [], **{c: [] for c in extras}}
         for i in range(len(batch["chosen"])):
-            row = {k: batch[k][i] for k in batch}
-            if info.implicit_prompt:
-                row = split_implicit_prompt(row)
-            for completion, label in ((row["chosen"], True), (row["rejected"], False)):
-                out["prompt"].append(row["prompt"])
-                out["completion"].append(completion)
-                out["label"].append(label)
-                for c in extras:
-                    out[c].append(row[c])
+            for row in unpair_row({k: batch[k][i] for k in batch}):
+                for key, values in out.items():
+                    values.append(row[key])
         return out
 
     return dataset.map(unpair, batched=True, remove_columns=dataset.column_names, desc="unpair preference")

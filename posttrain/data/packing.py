@@ -8,6 +8,7 @@ restarting at 0 for every sequence and `seq_lens`, which is what keeps the seque
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import datasets
 
@@ -107,6 +108,12 @@ def pack_dataset(
         for c in columns:
             if len(data[c][i]) != n:
                 raise ValueError(f"row {i}, field '{c}': expected {n} values (one per token), got {len(data[c][i])}")
+    return datasets.Dataset.from_dict(_packed_columns(data, lengths, columns, max_length))
+
+
+def _packed_columns(data: dict[str, list], lengths: list[int], columns: Sequence[str],
+                    max_length: int) -> dict[str, list]:
+    """Columns of the packed rows (best-fit decreasing) of `data`'s rows, with `position_ids` and `seq_lens`."""
     out: dict[str, list] = {c: [] for c in columns}
     out["position_ids"], out["seq_lens"] = [], []
     for bin_ in pack_bfd(lengths, max_length):
@@ -114,4 +121,13 @@ def pack_dataset(
             out[c].append([x for i in bin_ for x in data[c][i]])
         out["position_ids"].append(packed_position_ids([lengths[i] for i in bin_]))
         out["seq_lens"].append([lengths[i] for i in bin_])
-    return datasets.Dataset.from_dict(out)
+    return out
+
+
+def pack_rows(rows: Sequence[dict[str, Any]], max_length: int, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """Pack tokenized rows (dicts holding every one of `columns`, `input_ids` first, each no longer than
+    `max_length`) into packed rows, as `pack_dataset` does for a whole dataset: the streaming path packs a
+    bounded buffer of rows at a time with it."""
+    data = {c: [row[c] for row in rows] for c in columns}
+    out = _packed_columns(data, [len(ids) for ids in data["input_ids"]], columns, max_length)
+    return [dict(zip(out, values)) for values in zip(*out.values())]

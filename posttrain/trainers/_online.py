@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..data import DatasetKind, FormatInfo
+from ..data.streaming import StreamPrompts, TokenizedStream
 from ..losses.policy_gradient import masked_mean
 from ..ops import unwrap_model
 from ..online.completions_log import completions_table_rows, log_completions
@@ -233,10 +234,23 @@ class OnlineTrainer(PostTrainer):
     def make_collator(self) -> Any:
         return _collate_rows
 
+    def prompt_source(self) -> PromptStream | StreamPrompts:
+        """Where training prompts come from: a seeded shuffle of the dataset, or a streamed dataset in order."""
+        args = self.args
+        if isinstance(self.train_dataset, TokenizedStream):
+            return StreamPrompts(self.train_dataset, args.prompts_per_generation, args.world_size, args.process_index)
+        return PromptStream(self.train_dataset, args.prompts_per_generation, args.world_size, args.process_index,
+                            seed=args.seed)
+
+    def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
+        if self.args.max_completion_length is None:
+            raise ValueError(f"{name}: max_completion_length=None is resolved from the longest prompt, which a "
+                             "streamed dataset does not know ahead: set max_completion_length to a number of tokens")
+        return {}
+
     def get_train_dataloader(self) -> RolloutLoader:
         args = self.args
-        self._prompts = PromptStream(self.train_dataset, args.prompts_per_generation, args.world_size,
-                                     args.process_index, seed=args.seed)
+        self._prompts = self.prompt_source()
         self._loader = RolloutLoader(self._next_generation, self._prompts.chunks_per_epoch, args.steps_per_generation,
                                      args.num_iterations, self._split_rng, start_micro_step=self._resumed_micro_step)
         if self._resume_state is not None:

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Sequence
 import datasets
 import torch
 
+from ..data.streaming import is_stream
 from ..data import DatasetKind, FormatInfo, split_implicit_prompt, validate_dataset
 from ..models import load_model
 from ..ops.attention import use_varlen_attention
@@ -105,24 +106,32 @@ class PreferenceTrainerBase(LossItemsMixin, PostTrainer):
         if isinstance(dataset, (list, tuple, dict)) and not isinstance(dataset, datasets.DatasetDict):
             validate_dataset(dataset, self.accepted_formats)
         tokenized = super().prepare_dataset(dataset, name)
+        if is_stream(tokenized):
+            return tokenized
         return self.drop_rows_without_loss(tokenized, name, self._rows_with_loss(tokenized),
                                            "no completion token has a prediction: an empty prompt before a "
                                            "one-token completion")
 
+    def _row_has_loss(self, row: dict) -> bool:
+        """Some completion has a token with a prediction (the first token of a sequence has none)."""
+        prompt = len(row["prompt_ids"])
+        return any(len(row[c]) > (0 if prompt else 1) for c in dict.fromkeys(c for _, c in self.seq_fields))
+
     def _rows_with_loss(self, tokenized: datasets.Dataset) -> list[bool]:
-        """Rows where some completion has a token with a prediction (the first token of a sequence has none)."""
-        table = tokenized.with_format("arrow")
-        prompts = [len(p) for p in table["prompt_ids"].to_pylist()]
-        keep = [False] * len(prompts)
-        for field_name in dict.fromkeys(c for _, c in self.seq_fields):
-            for i, ids in enumerate(table[field_name].to_pylist()):
-                keep[i] = keep[i] or len(ids) > (0 if prompts[i] else 1)
-        return keep
+        columns = ["prompt_ids", *dict.fromkeys(c for _, c in self.seq_fields)]
+        return [self._row_has_loss(row) for row in tokenized.select_columns(columns).with_format("arrow")[:].to_pylist()]
 
     def preprocess_dataset(self, dataset: datasets.Dataset, info: FormatInfo) -> datasets.Dataset:
         if info.kind is DatasetKind.PREFERENCE and info.implicit_prompt:
             dataset = dataset.map(split_implicit_prompt, desc="split implicit prompts")
         return dataset
+
+    def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
+        if getattr(self.args, "precompute_ref_log_probs", False):
+            raise ValueError(f"{name}: precompute_ref_log_probs=True needs the whole dataset ahead of training; a "
+                             "streamed dataset (IterableDataset) is read as it trains: set it to False")
+        split = info.kind is DatasetKind.PREFERENCE and info.implicit_prompt
+        return {"expand": (lambda row: [split_implicit_prompt(row)]) if split else None, "keep": self._row_has_loss}
 
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         prompt_ids, (chosen, rejected), truncated = tokenize_completions(

@@ -13,6 +13,8 @@ import datasets
 import torch
 
 from ..data import DatasetKind, FormatInfo, unpair_preference
+from ..data.formats import unpair_row
+from ..data.streaming import is_stream
 from ._pref_base import PreferenceTrainerBase, ReferenceConfig
 from ._preference import SequenceCollator, tokenize_completions
 
@@ -63,9 +65,20 @@ class UnpairedTrainerBase(PreferenceTrainerBase):
 
     def prepare_dataset(self, dataset: Any, name: str) -> datasets.Dataset:
         tokenized = super().prepare_dataset(dataset, name)
-        if self.needs_kl:
+        if self.needs_kl and not is_stream(tokenized):
             tokenized = add_mismatched_completions(tokenized)
         return tokenized
+
+    def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
+        """Streamed pairs are unpaired row by row; the KL completions are mismatched within each window of
+        `KL_WINDOW` rows (the whole-dataset rule of `add_mismatched_completions`, on a bounded window)."""
+        options = super().stream_options(info, name)
+        if info.kind is DatasetKind.PREFERENCE:
+            split = options["expand"]
+            options["expand"] = lambda row: unpair_row(split(row)[0] if split else row)
+        if self.needs_kl:
+            options.update(window=_mismatched_window, window_size=KL_WINDOW)
+        return options
 
     def make_collator(self) -> SequenceCollator:
         cls = KLCollator if self.needs_kl else SequenceCollator
@@ -80,10 +93,20 @@ def add_mismatched_completions(dataset: datasets.Dataset) -> datasets.Dataset:
     A fixed half-length shift never pairs a row with itself (n > 1) nor with its sibling from an unpaired
     pair (rows 2k, 2k+1 share a prompt), and being fixed it lets the reference side be precomputed.
     """
-    n = len(dataset)
-    completions = list(dataset["completion_ids"])
+    return dataset.add_column("kl_completion_ids", _mismatched(list(dataset["completion_ids"])))
+
+
+def _mismatched(completions: list) -> list:
+    n = len(completions)
     shift = n // 2 if n > 1 else 0
-    return dataset.add_column("kl_completion_ids", [completions[(i + shift) % n] for i in range(n)])
+    return [completions[(i + shift) % n] for i in range(n)]
+
+
+KL_WINDOW = 64  # rows of a stream whose completions are mismatched together (an even number: pairs stay together)
+
+
+def _mismatched_window(rows: list[dict]) -> list[dict]:
+    return [{**row, "kl_completion_ids": kl} for row, kl in zip(rows, _mismatched([r["completion_ids"] for r in rows]))]
 
 
 def unpaired_summary(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

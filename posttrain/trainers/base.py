@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import DatasetKind, FormatInfo, load_any, load_held_out, trainer_tokenizer, validate_dataset
+from ..data.streaming import TokenizedStream, is_stream, require_max_steps, stream_format
 from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
 from ..ops.attention import use_varlen_attention
 from ..ops.fast_paths import cpu_bf16_is_fast, cpu_fast_paths
@@ -229,10 +230,16 @@ class PostTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ data
     def prepare_dataset(self, dataset: Any, name: str) -> datasets.Dataset:
-        """Load, validate and tokenize one dataset; report (never silently drop) truncated rows."""
+        """Load, validate and tokenize one dataset; report (never silently drop) truncated rows. A stream
+        (`IterableDataset`) is validated and tokenized row by row as it is read (`prepare_stream`)."""
+        if isinstance(dataset, TokenizedStream):
+            return dataset
+        if is_stream(dataset):
+            return self.prepare_stream(dataset, name)
         # an eval set given as a folder or a DatasetDict is its held-out split, never its train split
         dataset = load_held_out(dataset) if name.startswith("eval") else load_any(dataset)
         info = validate_dataset(dataset, self.accepted_formats)
+        self.check_format(info)
         dataset = self.preprocess_dataset(dataset, info)
         tokenized = dataset.map(
             lambda row: self.tokenize_row(row, info),
@@ -254,6 +261,30 @@ class PostTrainer(Trainer):
     def preprocess_dataset(self, dataset: datasets.Dataset, info: FormatInfo) -> datasets.Dataset:
         """Hook for whole-dataset rewrites before tokenization (e.g. unpairing preference pairs)."""
         return dataset
+
+    def prepare_stream(self, dataset: Any, name: str) -> TokenizedStream:
+        """A streamed dataset as a `TokenizedStream`: its format told once from its first row, here in the main
+        process, then every row validated (its index and field named on error), tokenized and counted as it
+        is read. `stream_options` gives the method's per-row steps."""
+        if name == "train":
+            require_max_steps(self.args.max_steps, name)
+        format_row = self.stream_row_formatter(name)
+        info = stream_format(dataset, self.accepted_formats, name, format_row)
+        self.check_format(info)
+        return TokenizedStream(dataset, info, self.tokenize_row, name=name, totals=self._totals,
+                               format_row=format_row, **self.stream_options(info, name))
+
+    def stream_row_formatter(self, name: str) -> Any:
+        """A function ``(row, index) -> row`` applied to every streamed row before validation (None: none)."""
+        return None
+
+    def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
+        """The method's per-row steps for a stream (`TokenizedStream`'s expand, keep, window and packing
+        arguments): the row-by-row form of what `preprocess_dataset` and `prepare_dataset` do to a dataset."""
+        return {}
+
+    def check_format(self, info: FormatInfo) -> None:
+        """Hook: refuse a format the config cannot train on (called for datasets and streams alike)."""
 
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must implement tokenize_row")

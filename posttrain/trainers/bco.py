@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import datasets
 import torch
 
+from ..data.streaming import is_stream
 from ..losses.bco import RunningMean, bco_loss
 from ._udm import EmbeddingFunc, mean_token_embedder, udm_weights
 from ._unpaired import UnpairedConfig, UnpairedTrainerBase, unpaired_summary
@@ -55,6 +56,9 @@ class BCOTrainer(UnpairedTrainerBase):
     def _add_udm_weights(self, dataset: datasets.Dataset | None, embed: EmbeddingFunc) -> datasets.Dataset | None:
         if dataset is None:
             return None
+        if is_stream(dataset):
+            raise ValueError("UDM weights (use_udm, embedding_func) are fit on the whole train set's prompts; a "
+                             "streamed dataset (IterableDataset) is read as it trains: drop UDM or load the dataset")
         args: BCOConfig = self.args
         prompts = [self.tokenizer.decode(list(ids)) for ids in dataset["prompt_ids"]]
         weights = udm_weights(prompts, [bool(x) for x in dataset["label"]], embed, sample_size=args.prompt_sample_size,

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..data import DatasetKind, FormatInfo, PaddingCollator, load_any, load_held_out, validate_dataset
+from ..data.streaming import is_stream
 from ..losses.prm import IGNORE_INDEX, aggregate_step_scores, last_step_mask, prm_loss
 from ..models import unwrap_model
 from ..online.rewards.inputs import encode_steps
@@ -78,9 +79,14 @@ class PRMTrainer(RewardHeadTrainer):
     def prepare_dataset(self, dataset: Any, name: str):
         """Tokenize, then drop (counted, reported) the rows truncation left without a labelled step."""
         tokenized = super().prepare_dataset(dataset, name)
+        if is_stream(tokenized):
+            return tokenized
         keep = [any(y != IGNORE_INDEX for y in labels)
                 for labels in tokenized.with_format("arrow")["step_labels"].to_pylist()]
         return self.drop_rows_without_loss(tokenized, name, keep, "max_length cut off every step's separator")
+
+    def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
+        return {"keep": lambda row: any(y != IGNORE_INDEX for y in row["step_labels"])}
 
     def make_collator(self) -> Any:
         """Right padding; `step_labels` pad with -100."""

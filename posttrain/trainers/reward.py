@@ -59,9 +59,13 @@ class RewardCollator:
 
 def _check_margins(dataset: datasets.Dataset) -> None:
     for i, value in enumerate(dataset.with_format("arrow")["margin"].to_pylist()):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            shown = "nothing (the field is missing)" if value is None else f"{type(value).__name__} {value!r}"
-            raise DatasetFormatError(f"row {i}, field 'margin': expected a number, got {shown}")
+        _check_margin(i, value)
+
+
+def _check_margin(index: int, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        shown = "nothing (the field is missing)" if value is None else f"{type(value).__name__} {value!r}"
+        raise DatasetFormatError(f"row {index}, field 'margin': expected a number, got {shown}")
 
 
 class RewardTrainer(RewardHeadTrainer):
@@ -81,6 +85,15 @@ class RewardTrainer(RewardHeadTrainer):
         if "margin" in dataset.column_names:
             _check_margins(dataset)
         return dataset
+
+    def stream_row_formatter(self, name: str) -> Any:
+        """Streamed rows: the `margin` of every row that has the column is checked as it arrives."""
+        def check(row: dict, index: int) -> dict:
+            if "margin" in row:
+                _check_margin(index, row["margin"])
+            return row
+
+        return check
 
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         """One pair -> `chosen_input_ids`, `rejected_input_ids` (same encoding as the scorer), `truncated`."""

@@ -22,6 +22,7 @@ import datasets
 import torch
 
 from ..data import DatasetFormatError, DatasetKind, FormatInfo, PaddingCollator, PaddingFreeCollator, load_any, load_held_out
+from ..data.streaming import is_stream
 from ..data import pack_dataset, tokenize_messages, tokenize_prompt_completion, tokenize_text, validate_dataset
 from ..losses.sft import sft_loss
 from ..ops import token_logps
@@ -117,11 +118,47 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
             input_ids, mask = input_ids[: args.max_length], mask[: args.max_length]
         return {"input_ids": input_ids, "completion_mask": mask, "truncated": truncated}
 
-    def preprocess_dataset(self, dataset: datasets.Dataset, info: FormatInfo) -> datasets.Dataset:
+    def check_format(self, info: FormatInfo) -> None:
         if self.args.assistant_only_loss and info.kind is DatasetKind.LANGUAGE_MODELING and not info.conversational:
             raise ValueError("assistant_only_loss=True needs conversational data (a 'messages' column); this "
                              "dataset holds plain text, which has no assistant turns")
-        return dataset
+
+    def _formatting_row(self) -> Callable[[dict, int], dict]:
+        """`formatting_func` as a row function: the row becomes `{"text": formatting_func(row)}`."""
+        func = self.formatting_func
+
+        def format_row(row: dict, index: int) -> dict:
+            text = func(row)
+            if not isinstance(text, str):
+                raise DatasetFormatError(f"row {index}: formatting_func must return a string (the row's text), "
+                                         f"got {type(text).__name__}")
+            return {"text": text}
+
+        return format_row
+
+    def stream_row_formatter(self, name: str) -> Callable[[dict, int], dict] | None:
+        """Streams get per row what `text_dataset` does to a dataset: `formatting_func`, or the
+        `dataset_text_field` column read as `text` (`messages` when it holds a conversation)."""
+        if self.formatting_func is not None:
+            return self._formatting_row()
+        text_field = self.args.dataset_text_field
+        if text_field in ("text", "messages"):
+            return None
+
+        def rename(row: dict, index: int) -> dict:
+            if text_field not in row or "input_ids" in row:
+                return row
+            value = row.pop(text_field)
+            row["messages" if isinstance(value, list) else "text"] = value
+            return row
+
+        return rename
+
+    def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
+        if self.args.packing and self.args.max_length is None:
+            raise ValueError("packing=True needs max_length (the length of a packed row)")
+        return {"keep": lambda row: any(row["completion_mask"][1:]),
+                "pack_length": self.args.max_length if self.args.packing else None}
 
     def text_dataset(self, dataset: Any, name: str) -> datasets.Dataset:
         """The dataset as the data pipeline reads it: `formatting_func` applied (each row becomes its `text`),
@@ -139,16 +176,7 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
                                "not applied", name)
             return dataset
         if self.formatting_func is not None:
-            func = self.formatting_func
-
-            def format_row(row: dict, index: int) -> dict:
-                text = func(row)
-                if not isinstance(text, str):
-                    raise DatasetFormatError(f"row {index}: formatting_func must return a string (the row's text), "
-                                             f"got {type(text).__name__}")
-                return {"text": text}
-
-            return dataset.map(format_row, with_indices=True, remove_columns=columns,
+            return dataset.map(self._formatting_row(), with_indices=True, remove_columns=columns,
                                num_proc=self.args.dataset_num_proc, desc=f"Applying formatting_func to {name}")
         text_field = self.args.dataset_text_field
         if text_field in ("text", "messages"):
@@ -163,6 +191,8 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         return dataset.rename_column(text_field, target)
 
     def prepare_dataset(self, dataset: Any, name: str):
+        if is_stream(dataset):
+            return super().prepare_dataset(dataset, name)
         tokenized = super().prepare_dataset(self.text_dataset(dataset, name), name)
         # The first token of every sequence has no prediction, so a mask set only there trains nothing.
         keep = [any(mask[1:]) for mask in tokenized.with_format("arrow")["completion_mask"].to_pylist()]
