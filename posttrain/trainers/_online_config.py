@@ -54,6 +54,12 @@ class OnlineConfig(OnlineEngineArgs, AsyncRolloutArgs, PostTrainConfig):
         "generation with new prompts, up to max_resample_rounds rounds (metrics dynamic_sampling/*)."))
     max_resample_rounds: int = field(default=3, metadata=_help(
         "Most refill rounds per generation with dynamic_sampling; then it trains on the groups it has."))
+    # ---- tools and environments (posttrain.online.multiturn)
+    max_tool_calling_iterations: int | None = field(default=None, metadata=_help(
+        "Most tool-calling turns per rollout (tools / environment_factory); None: until the model answers or "
+        "max_completion_length (generated plus tool-result tokens) is spent."))
+    tool_timeout: float | None = field(default=None, metadata=_help(
+        "Seconds a tool call may take before it is cut and answered with an error message; None: no limit."))
     # ---- rewards
     reward_weights: list[float] | None = field(default=None, metadata=_help(
         "Weight of each reward function in the total (default: all 1)."))
