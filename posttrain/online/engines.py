@@ -169,9 +169,11 @@ class Rollout:
         return self
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, prompts: Sequence[Any],
+                   chat_template_kwargs: Mapping[str, Any] | None = None) -> list[list[int]]:
     """Token ids for each prompt: a string is plain text (tokenized with the tokenizer's own special tokens,
-    e.g. BOS), a list of dicts a conversation (chat template with the generation prompt), a list of ints ids."""
+    e.g. BOS), a list of dicts a conversation (chat template with the generation prompt, and the template
+    variables ``chat_template_kwargs``, e.g. ``{"enable_thinking": False}``), a list of ints ids."""
     if isinstance(prompts, (str, bytes)):
         raise TypeError("prompts must be a sequence of prompts, not a single string")
     out: list[list[int]] = []
@@ -182,7 +184,8 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any]) -> list[list[int]]:
             for m in prompt:
                 if "role" not in m or "content" not in m:
                     raise ValueError(f"prompt {i}: a conversation message needs 'role' and 'content', got {dict(m)}")
-            text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False,
+                                                 **dict(chat_template_kwargs or {}))
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = [int(t) for t in prompt]

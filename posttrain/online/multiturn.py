@@ -109,8 +109,10 @@ class Agent:
     """The multi-turn rollout stage for one trainer (see the module docstring)."""
 
     def __init__(self, spec: AgentSpec, tokenizer: Any, *, num_generations: int, max_completion_length: int,
-                 max_tool_calling_iterations: int | None = None, tool_timeout: float | None = None) -> None:
+                 max_tool_calling_iterations: int | None = None, tool_timeout: float | None = None,
+                 chat_template_kwargs: dict | None = None) -> None:
         self.spec, self.tokenizer = spec, tokenizer
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.num_generations, self.max_completion_length = num_generations, max_completion_length
         self.max_iterations = max_tool_calling_iterations
         self.tool_timeout = tool_timeout
@@ -167,7 +169,11 @@ class Agent:
             tools += environment_tools(env)
         toolbox = ToolBox(tools, timeout=self.tool_timeout) if tools else None
         schemas = toolbox.schemas if toolbox else None
-        text = render_chat(self.tokenizer, list(prompt), add_generation_prompt=True, tools=schemas)
+        if self.chat_template_kwargs:
+            text = self.tokenizer.apply_chat_template(list(prompt), tools=schemas, add_generation_prompt=True,
+                                                      tokenize=False, **self.chat_template_kwargs)
+        else:
+            text = render_chat(self.tokenizer, list(prompt), add_generation_prompt=True, tools=schemas)
         ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return _Trajectory(ids, toolbox, env)
 

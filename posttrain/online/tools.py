@@ -85,6 +85,8 @@ def _call_from_json(raw: str) -> ToolCall:
         data = json.loads(raw.strip())
     except json.JSONDecodeError as err:
         return ToolCall("unknown", error=f"the tool call is not valid JSON ({err.msg} at char {err.pos})")
+    if isinstance(data, dict) and isinstance(data.get("function"), dict):  # {"type": "function", "function": {...}}
+        data = data["function"]
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return ToolCall("unknown", error='a tool call must be a JSON object {"name": ..., "arguments": {...}}')
     args = data.get("arguments", data.get("parameters", {}))

@@ -111,7 +111,8 @@ class OnlineTrainer(PostTrainer):
         if agent:
             self.agent = Agent(agent, self.tokenizer, num_generations=args.num_generations,
                                max_completion_length=args.max_completion_length,
-                               max_tool_calling_iterations=args.max_tool_calling_iterations, tool_timeout=args.tool_timeout)
+                               max_tool_calling_iterations=args.max_tool_calling_iterations, tool_timeout=args.tool_timeout,
+                               chat_template_kwargs=args.chat_template_kwargs)
         self.reward_composer = None
         if funcs:
             self.reward_composer = RewardComposer(funcs, args.reward_weights, reward_processing_classes,
@@ -234,7 +235,7 @@ class OnlineTrainer(PostTrainer):
     # --------------------------------------------------------------------------------------- data
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         try:
-            ids = encode_prompts(self.tokenizer, [row["prompt"]])[0]
+            ids = encode_prompts(self.tokenizer, [row["prompt"]], self.args.chat_template_kwargs)[0]
         except (ValueError, TypeError) as err:
             raise ValueError(f"cannot tokenize prompt {row['prompt']!r}: {err}") from None
         limit = self.args.max_prompt_length
@@ -452,7 +453,8 @@ class OnlineTrainer(PostTrainer):
         rollout = scored.rollout
         if not len(rollout):
             return metrics
-        lens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        lens = torch.tensor([len(c) for c in rollout.completion_ids] if rollout.tool_mask is None else
+                            [sum(m) for m in rollout.tool_mask], dtype=torch.float32)  # TRL: tool tokens not counted
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
         done = lens[~truncated]
         nan = float("nan")
