@@ -54,3 +54,39 @@ class ScriptedEngine(RolloutEngine):
                 out.truncated.append(ids[-1] != end_id)
                 self.produced.append(ids)
         return out
+
+
+MEMO_PROMPT = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+def memorized_tool_model(spec: str = "nano", steps: int = 60, seed: int = 0, lr: float = 3e-3):
+    """A tiny model (and a chatml tokenizer) trained to answer `MEMO_PROMPT` by calling ``add(a=2, b=3)`` and,
+    once the tool said 5, answering ``<answer>5</answer>``: a real model for the engines that cannot be
+    scripted (vLLM, the rollout server). Trained on exactly the token sequence the multi-turn loop builds."""
+    import torch
+
+    from posttrain.data.templates import trainer_tokenizer
+    from posttrain.models import build_tiny
+    from posttrain.online.multiturn import Agent, AgentSpec
+
+    torch.manual_seed(seed)
+    model, tok = build_tiny(spec, seed=seed)
+    tok = trainer_tokenizer(tok, "chatml")[1]
+    agent = Agent(AgentSpec([add]), tok, num_generations=1, max_completion_length=256)
+    end = [tok.convert_tokens_to_ids("<|im_end|>")]
+    prompt = agent._start({"prompt": MEMO_PROMPT}, {}).prompt_ids
+    turn1 = tok(call("add", a=2, b=3), add_special_tokens=False)["input_ids"] + end
+    suffix = agent.tool_suffix_ids([{"role": "tool", "name": "add", "content": "5"}])
+    turn2 = tok("<answer>5</answer>", add_special_tokens=False)["input_ids"] + end
+    ids = prompt + turn1 + suffix + turn2
+    labels = [-100] * len(prompt) + turn1 + [-100] * len(suffix) + turn2
+    x, y = torch.tensor([ids]), torch.tensor([labels])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, tok, {"prompt": prompt, "turn1": turn1, "suffix": suffix, "turn2": turn2, "loss": float(loss)}

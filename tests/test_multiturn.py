@@ -209,3 +209,28 @@ def test_bad_inputs_are_refused_before_training(tok):
         trainer = _grpo(tok, ScriptedEngine(tok, _three_turns), reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
                         rollout_func=lambda prompts, trainer: {"completion_ids": []})
         trainer.rollout([trainer.train_dataset[0]], "train")
+
+
+def test_rloo_takes_tools_and_keeps_tool_tokens_out_of_its_kl(tok):
+    from posttrain import RLOOConfig, RLOOTrainer
+    from posttrain.losses.rloo import sequence_kl
+
+    args = RLOOConfig(output_dir="/tmp/posttrain-test-multiturn-rloo", num_generations=2, per_device_train_batch_size=4,
+                      max_completion_length=200, max_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+                      log_completions=False, beta=0.1)
+    data = Dataset.from_list([{"prompt": _prompt(f"q{i}")} for i in range(4)])
+    trainer = RLOOTrainer("tiny:nano", [lambda completions, **kw: [float(len(c)) for c in completions]], args, data,
+                          processing_class=tok, engine=ScriptedEngine(tok, _three_turns), tools=[add])
+    with torch.no_grad():  # the policy moves away from its reference
+        for p in trainer.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    batch = trainer.prepare(trainer.score(rows, trainer.rollout(rows, "train"), "train"), "train")
+    full = torch.ones_like(batch.completion_mask) * (batch.completion_mask.sum(1, keepdim=True) > 0)
+    full = full * torch.tensor([[1.0] * len(c) + [0.0] * (batch.completion_mask.shape[1] - len(c))
+                                for c in batch.completion_ids])
+    tool_only = sequence_kl(batch.old_logps, batch.ref_logps, batch.completion_mask)
+    everything = sequence_kl(batch.old_logps, batch.ref_logps, full)
+    assert not torch.allclose(tool_only, everything)  # the tool tokens would change the KL ...
+    logged = trainer._metrics["train"]["kl"][-1]
+    assert logged == pytest.approx(float(tool_only.sum() / batch.completion_mask.sum()), rel=1e-5)  # ... and do not
