@@ -169,3 +169,23 @@ def test_duplicate_names_and_bad_timeout_are_refused():
         ToolBox([globals()["add"], add])
     with pytest.raises(ValueError, match="tool_timeout"):
         ToolBox([boom], timeout=0)
+
+
+def test_the_tokenizers_own_response_parser_is_used_when_it_has_one():
+    class Tok:  # a tokenizer with transformers' response parsing (response_template + parse_response)
+        response_template = {"x-regex": "..."}
+
+        def __init__(self):
+            self.seen = None
+
+        def parse_response(self, ids, prefix=None, tools=None):
+            self.seen = (ids, prefix, tools)
+            return {"role": "assistant", "content": "thinking",
+                    "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}},
+                                   {"type": "function", "function": {"name": "add", "arguments": "oops"}}]}
+
+    tok = Tok()
+    content, calls = parse_tool_calls("ignored text", tok, prompt_ids=[1, 2], completion_ids=[3, 4], tools=[add])
+    assert tok.seen == ([3, 4], [1, 2], [add])
+    assert content == "thinking" and calls[0] == ToolCall("add", {"a": 1, "b": 2})
+    assert "must be a JSON object" in calls[1].error

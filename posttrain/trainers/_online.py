@@ -306,8 +306,9 @@ class OnlineTrainer(PostTrainer):
         engine = engine or self.engine
         if self.agent is None:
             return engine.generate([r["prompt_ids"] for r in rows], params).check()
-        rollout, metrics = self.agent.rollout(self, engine, rows, params, default_stop_token_ids(
-            self.tokenizer, self.model, end_of_turn=True))
+        if getattr(self, "_agent_stop_ids", None) is None:
+            self._agent_stop_ids = default_stop_token_ids(self.tokenizer, self.model, end_of_turn=True)
+        rollout, metrics = self.agent.rollout(self, engine, rows, params, self._agent_stop_ids)
         self.store_metrics(metrics, mode)
         return rollout
 
