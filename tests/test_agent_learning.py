@@ -25,14 +25,14 @@ def test_sft_then_grpo_with_the_tool_beats_sft_and_no_tool():
     test = task.prompt_only(64, "test")
     common = dict(report_to="none", save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant",
                   chat_template="chatml", logging_steps=10)
-    sft = SFTTrainer(model, args=SFTConfig(output_dir="/tmp/posttrain-test-agent-sft", max_steps=60,
+    sft = SFTTrainer(model, args=SFTConfig(output_dir="/tmp/posttrain-test-agent-sft", max_steps=100,
                                            per_device_train_batch_size=16, learning_rate=5e-3, padding_free=True,
                                            **common),
-                     train_dataset=task.sft_transcripts(60 * 16), processing_class=tok)
+                     train_dataset=task.sft_transcripts(100 * 16), processing_class=tok)
     sft.train()
     sft_acc = agent_accuracy(sft.model, tok, test)
     args = GRPOConfig(output_dir="/tmp/posttrain-test-agent-grpo", max_steps=25, per_device_train_batch_size=32,
-                      num_generations=8, max_completion_length=48, learning_rate=2e-3, beta=0.0,
+                      num_generations=8, max_completion_length=96, learning_rate=2e-3, beta=0.0,
                       max_tool_calling_iterations=2, log_completions=False, **common)
     grpo = GRPOTrainer(sft.model, lookup_accuracy, args, task.prompt_only(512, "train"), processing_class=tok,
                        environment_factory=LookupEnv)

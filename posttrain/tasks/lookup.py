@@ -54,7 +54,7 @@ class LookupEnv:
         """
         self.queries += 1
         if key not in self.table:
-            raise KeyError(f"no key {key!r} in the store")
+            raise ValueError(f"no key {key!r} in the store")
         return str(self.table[key])
 
 
@@ -114,9 +114,10 @@ class LookupTask:
 
 
 def agent_accuracy(model: Any, tokenizer: Any, dataset: datasets.Dataset, *, use_tool: bool = True,
-                   max_new_tokens: int = 48, max_tool_calling_iterations: int = 2) -> float:
+                   max_new_tokens: int = 96, max_tool_calling_iterations: int = 2) -> float:
     """Greedy held-out accuracy on prompt-only rows: with the tool (multi-turn rollouts against
-    `LookupEnv`, as in training) or without it (one turn, no tool schema in the prompt)."""
+    `LookupEnv`, as in training; ``max_new_tokens`` covers the call, its result and the answer) or without
+    it (one turn, no tool schema in the prompt)."""
     from ..online.engine_hf import HFEngine
     from ..online.engines import SamplingParams, default_stop_token_ids
     from ..online.multiturn import Agent, AgentSpec
