@@ -77,9 +77,7 @@ class ScoredRollout:
         picked = [j for j, k in enumerate(self.rollout.prompt_index) if k in keep_set]
         renumber = {k: i for i, k in enumerate(sorted(keep_set))}
         r = self.rollout
-        rollout = Rollout([renumber[r.prompt_index[j]] for j in picked], [r.prompt_ids[j] for j in picked],
-                          [r.completion_ids[j] for j in picked], [r.texts[j] for j in picked],
-                          [r.logprobs[j] for j in picked], [r.truncated[j] for j in picked])
+        rollout = r.select(picked, [renumber[r.prompt_index[j]] for j in picked])
         rewards = None if self.rewards is None else self.rewards.select(picked)
         idx = torch.tensor(picked, dtype=torch.long)
         return ScoredRollout([self.rows[k] for k in sorted(keep_set)], rollout, [self.completions[j] for j in picked],
@@ -96,8 +94,7 @@ class ScoredRollout:
             rows += p.rows
             index += [k + offset for k in p.rollout.prompt_index]
             offset += len(p.rows)
-        rollout = Rollout(index, *([x for p in parts for x in getattr(p.rollout, name)]
-                                   for name in ("prompt_ids", "completion_ids", "texts", "logprobs", "truncated")))
+        rollout = Rollout.concat([p.rollout for p in parts], index)
         rewards = None
         if parts[0].rewards is not None:
             rewards = type(parts[0].rewards).concat([p.rewards for p in parts])

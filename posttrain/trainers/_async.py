@@ -84,7 +84,7 @@ class AsyncGeneration:
 
         def generate(k: int, rows: list[dict]) -> Any:
             params = trainer.sampling_params("train", k * per_generation)
-            return client.generate([r["prompt_ids"] for r in rows], params).check()
+            return trainer.generate_rollout(rows, params, "train", engine=client)  # tools: the loop runs here
 
         self.source = AsyncRolloutSource(
             client, trainer._prompts, generate=generate, score=lambda rows, rollout: trainer.score(rows, rollout, "train"),

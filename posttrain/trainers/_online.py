@@ -41,7 +41,8 @@ from ..losses.policy_gradient import masked_mean
 from ..ops import unwrap_model
 from ..online.completions_log import completions_table_rows, log_completions
 from ..online.engine_factory import make_engine
-from ..online.engines import RolloutEngine, SamplingParams, encode_prompts
+from ..online.engines import RolloutEngine, SamplingParams, default_stop_token_ids, encode_prompts
+from ..online.multiturn import Agent, AgentSpec
 from ..online.logprobs import (batched_completion_logps, completion_logps, completion_mask, pad_values,
                                partial_grad_completion_logps)
 from ..online.pipeline import PromptStream, RolloutLoader, ScoredRollout
@@ -88,9 +89,14 @@ class OnlineTrainer(PostTrainer):
         optimizers: tuple = (None, None),
         ref_model: Any = None,
         engine: RolloutEngine | None = None,
+        tools: list | None = None,
+        rollout_func: Any = None,
+        environment_factory: Any = None,
         **kwargs: Any,
     ) -> None:
         funcs = [] if reward_funcs is None else (list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
+        agent = AgentSpec(tools, environment_factory, rollout_func)  # multi-turn rollouts (online/multiturn.py)
+        funcs += agent.reward_funcs  # an environment's get_reward() scores too
         if self.requires_reward_funcs and not funcs:
             raise ValueError(f"{type(self).__name__} needs at least one reward function (reward_funcs=...)")
         args = self.resolve_args(args)
@@ -102,6 +108,12 @@ class OnlineTrainer(PostTrainer):
                          callbacks=callbacks, optimizers=optimizers, **kwargs)
         self.model_accepts_loss_kwargs = False  # the Trainer divides each micro-batch's loss by the accumulation steps
         self._check_prompt_lengths()
+        self.agent = None
+        if agent:
+            self.agent = Agent(agent, self.tokenizer, num_generations=args.num_generations,
+                               max_completion_length=args.max_completion_length,
+                               max_tool_calling_iterations=args.max_tool_calling_iterations, tool_timeout=args.tool_timeout,
+                               chat_template_kwargs=args.chat_template_kwargs)
         self.reward_composer = None
         if funcs:
             self.reward_composer = RewardComposer(funcs, args.reward_weights, reward_processing_classes,
@@ -224,7 +236,7 @@ class OnlineTrainer(PostTrainer):
     # --------------------------------------------------------------------------------------- data
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         try:
-            ids = encode_prompts(self.tokenizer, [row["prompt"]])[0]
+            ids = encode_prompts(self.tokenizer, [row["prompt"]], self.args.chat_template_kwargs)[0]
         except (ValueError, TypeError) as err:
             raise ValueError(f"cannot tokenize prompt {row['prompt']!r}: {err}") from None
         limit = self.args.max_prompt_length
@@ -296,9 +308,22 @@ class OnlineTrainer(PostTrainer):
         """Stage 1: ``num_generations`` completions per prompt from the engine, grouped by prompt."""
         self._catch_up_engine(self.args.vllm_sync_every - 1 if mode == "train" else 0)
         start = time.perf_counter()
-        rollout = self.engine.generate([r["prompt_ids"] for r in rows], params or self.sampling_params(mode)).check()
+        rollout = self.generate_rollout(rows, params or self.sampling_params(mode), mode)
         if mode == "train":
             self.timings["generate"] += time.perf_counter() - start
+        return rollout
+
+    def generate_rollout(self, rows: list[dict], params: SamplingParams, mode: str = "train",
+                         engine: RolloutEngine | None = None):
+        """The completions of ``rows``: one engine call, or with tools / environments / a ``rollout_func``
+        the multi-turn loop of `posttrain.online.multiturn.Agent` (which logs its tools/* metrics)."""
+        engine = engine or self.engine
+        if self.agent is None:
+            return engine.generate([r["prompt_ids"] for r in rows], params).check()
+        if getattr(self, "_agent_stop_ids", None) is None:
+            self._agent_stop_ids = default_stop_token_ids(self.tokenizer, self.model, end_of_turn=True)
+        rollout, metrics = self.agent.rollout(self, engine, rows, params, self._agent_stop_ids)
+        self.store_metrics(metrics, mode)
         return rollout
 
     def score(self, rows: list[dict], rollout: Any, mode: str) -> ScoredRollout:
@@ -307,10 +332,15 @@ class OnlineTrainer(PostTrainer):
         start = time.perf_counter()
         completions = [[{"role": "assistant", "content": text}] if _is_conversation(rows[k]["prompt"]) else text
                        for k, text in zip(rollout.prompt_index, rollout.texts)]
+        if rollout.messages is not None:  # multi-turn: assistant turns with their tool calls, tool results
+            completions = rollout.messages
         scored = ScoredRollout(rows, rollout, completions, weight_version=self.engine.weights_version)
         if self.reward_composer is not None:
+            agent_columns = dict(rollout.extra_fields or {})
+            if rollout.environments is not None:
+                agent_columns["environments"] = rollout.environments
             scored.rewards = self.reward_composer(scored.prompts, completions, rollout.completion_ids,
-                                                  **scored.columns(), **self._reward_extras(mode))
+                                                  **scored.columns(), **agent_columns, **self._reward_extras(mode))
         if mode == "train":
             self.timings["score"] += time.perf_counter() - start
         return scored
@@ -338,6 +368,8 @@ class OnlineTrainer(PostTrainer):
         mask = completion_mask(lengths, device).float()
         if args.mask_truncated_completions:
             mask[torch.tensor(rollout.truncated, dtype=torch.bool, device=device)] = 0.0
+        if rollout.tool_mask is not None:  # tool results and template text between turns: out of the loss and KL
+            mask = mask * pad_values(rollout.tool_mask, device)
         batch = RolloutBatch(rollout.prompt_ids, rollout.completion_ids, mask, group_ids=scored.group_ids)
         bs = args.per_device_train_batch_size
         if mode == "train" and self._needs_old_logps():
@@ -436,7 +468,8 @@ class OnlineTrainer(PostTrainer):
         rollout = scored.rollout
         if not len(rollout):
             return metrics
-        lens = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)
+        lens = torch.tensor([len(c) for c in rollout.completion_ids] if rollout.tool_mask is None else
+                            [sum(m) for m in rollout.tool_mask], dtype=torch.float32)  # TRL: tool tokens not counted
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
         done = lens[~truncated]
         nan = float("nan")

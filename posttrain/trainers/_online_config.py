@@ -8,6 +8,8 @@ prompts, each sampled ``num_generations`` times.
 
 from __future__ import annotations
 
+import json
+
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -54,6 +56,14 @@ class OnlineConfig(OnlineEngineArgs, AsyncRolloutArgs, PostTrainConfig):
         "generation with new prompts, up to max_resample_rounds rounds (metrics dynamic_sampling/*)."))
     max_resample_rounds: int = field(default=3, metadata=_help(
         "Most refill rounds per generation with dynamic_sampling; then it trains on the groups it has."))
+    chat_template_kwargs: dict | str | None = field(default=None, metadata=_help(
+        "Extra variables for the chat template when prompts are rendered, e.g. {'enable_thinking': False}."))
+    # ---- tools and environments (posttrain.online.multiturn)
+    max_tool_calling_iterations: int | None = field(default=None, metadata=_help(
+        "Most tool-calling turns per rollout (tools / environment_factory); None: until the model answers or "
+        "max_completion_length (generated plus tool-result tokens) is spent."))
+    tool_timeout: float | None = field(default=None, metadata=_help(
+        "Seconds a tool call may take before it is cut and answered with an error message; None: no limit."))
     # ---- rewards
     reward_weights: list[float] | None = field(default=None, metadata=_help(
         "Weight of each reward function in the total (default: all 1)."))
@@ -92,6 +102,8 @@ class OnlineConfig(OnlineEngineArgs, AsyncRolloutArgs, PostTrainConfig):
     def __post_init__(self) -> None:
         self.top_k = 0 if self.top_k is None else self.top_k
         self.min_p = 0.0 if self.min_p is None else self.min_p
+        if isinstance(self.chat_template_kwargs, str):  # from the command line: JSON
+            self.chat_template_kwargs = json.loads(self.chat_template_kwargs)
         super().__post_init__()
         ga = self.gradient_accumulation_steps
         if self.steps_per_generation is None and self.generation_batch_size is not None:
