@@ -11,3 +11,5 @@ from . import cpo  # noqa: F401
 from . import orpo  # noqa: F401
 from . import kto  # noqa: F401
 from . import bco  # noqa: F401
+from . import gkd  # noqa: F401
+from . import distillation  # noqa: F401
