@@ -37,6 +37,12 @@ _EXPORTS: dict[str, str] = {
     "KTOTrainer": "posttrain.trainers.kto",
     "BCOConfig": "posttrain.trainers.bco",
     "BCOTrainer": "posttrain.trainers.bco",
+    "GKDConfig": "posttrain.trainers.gkd",
+    "GKDTrainer": "posttrain.trainers.gkd",
+    "MiniLLMConfig": "posttrain.trainers.minillm",
+    "MiniLLMTrainer": "posttrain.trainers.minillm",
+    "DistillationConfig": "posttrain.trainers.distillation",
+    "DistillationTrainer": "posttrain.trainers.distillation",
     "RewardComposer": "posttrain.online.rewards",
     "RewardFunctionError": "posttrain.online.rewards",
 }

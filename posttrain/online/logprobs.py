@@ -186,8 +186,10 @@ def completion_divergence(
     chunk_size: int | None = None,
     pad_token_id: int = 0,
     vocab_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token divergence between student and teacher at each completion token, ``([B, Lc], mask [B, Lc])``.
+    student_logps_temperature: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token divergence between student and teacher at each completion token, ``([B, Lc], mask [B, Lc])``;
+    with ``student_logps_temperature``, ``(divergence, student logps, mask)`` from one student forward.
 
     Both models read the same prompt + completion sequences; the divergence at token ``t`` compares their
     full next-token distributions (`posttrain.ops.token_divergence`: from hidden states and each head in
@@ -198,7 +200,10 @@ def completion_divergence(
     device = _device(student)
     input_ids, attention_mask, position_ids, tok_mask = _completion_inputs(prompt_ids, completion_ids, device,
                                                                             padding_free, pad_token_id)
-    values = token_divergence(student, teacher, input_ids, attention_mask, position_ids, mask=tok_mask, kind=kind,
-                              beta=beta, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size)
+    out = token_divergence(student, teacher, input_ids, attention_mask, position_ids, mask=tok_mask, kind=kind,
+                           beta=beta, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size,
+                           student_logps_temperature=student_logps_temperature)
     mask = completion_mask([len(c) for c in completion_ids], device)
-    return values.new_zeros(mask.shape).masked_scatter(mask, values[tok_mask]), mask
+    parts = out if isinstance(out, tuple) else (out,)
+    laid_out = [v.new_zeros(mask.shape).masked_scatter(mask, v[tok_mask]) for v in parts]
+    return (*laid_out, mask)

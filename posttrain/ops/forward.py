@@ -222,13 +222,19 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
 def token_divergence(student: nn.Module, teacher: nn.Module, input_ids: Tensor,
                      attention_mask: Tensor | None = None, position_ids: Tensor | None = None, *,
                      mask: Tensor | None = None, kind: str = "jsd", beta: float = 0.5, temperature: float = 1.0,
-                     chunk_size: int | None = None, vocab_size: int | None = None, **model_kwargs: Any) -> Tensor:
+                     chunk_size: int | None = None, vocab_size: int | None = None,
+                     student_logps_temperature: float | None = None,
+                     **model_kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token ``[B, L]`` divergence between student and teacher next-token distributions.
 
     Value at ``t`` compares the distributions both models predict for token ``t`` (from ``t - 1``);
     see :func:`posttrain.ops.divergences.chunked_divergence` for ``kind`` and ``beta``. The teacher runs
     under ``torch.no_grad``; gradients reach the student only. ``vocab_size``: both distributions over the
     first ``vocab_size`` ids (default: the smaller head's size; see `shared_head`).
+
+    With ``student_logps_temperature``, returns ``(divergence, logps)``: also the student's log-probs of the
+    tokens of ``input_ids`` (its whole head, logits divided by that temperature), from the same forward, so a
+    loss that needs both (MiniLLM's policy gradient plus its per-token reverse KL) runs the student once.
     """
     hs = decoder_hidden_states(student, input_ids, attention_mask, position_ids, **model_kwargs)
     with torch.no_grad():
@@ -241,4 +247,9 @@ def token_divergence(student: nn.Module, teacher: nn.Module, input_ids: Tensor,
     values = chunked_divergence(_rows(hs, pmask), ws, _rows(ht, pmask), wt.detach(), kind=kind, beta=beta,
                                 student_bias=bs, teacher_bias=bt.detach() if bt is not None else None,
                                 temperature=temperature, chunk_size=auto_chunk_size(vocab_size, chunk_size))
-    return _scatter(values, pmask)
+    if student_logps_temperature is None:
+        return _scatter(values, pmask)
+    full_ws, full_bs = output_head(student)
+    logps, _, _ = selective_log_softmax_ext(_rows(hs, pmask), full_ws, input_ids[pmask], bias=full_bs,
+                                            temperature=student_logps_temperature, chunk_size=chunk_size)
+    return _scatter(values, pmask), _scatter(logps, pmask)

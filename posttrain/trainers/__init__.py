@@ -13,3 +13,4 @@ from . import kto  # noqa: F401
 from . import bco  # noqa: F401
 from . import gkd  # noqa: F401
 from . import distillation  # noqa: F401
+from . import minillm  # noqa: F401

@@ -21,7 +21,6 @@ sampling only; TRL's DistillationTrainer, like us, for both).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -35,22 +34,11 @@ from ..online.logprobs import batched_completion_logps, completion_divergence
 from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
 from ._online import OnlineTrainer
-from ._reward_heads import disable_dropout
-from ._teacher import load_teacher, shared_vocab_size, teacher_tokenizer_of
+from ._teacher import TeacherArgs, attach_teacher
 
-__all__ = ["TeacherArgs", "DistillTrainerBase"]
+__all__ = ["TeacherArgs", "DistillTrainerBase"]  # TeacherArgs re-exported for the configs
 
 SOURCES = ("student", "teacher", "data")
-
-
-@dataclass
-class TeacherArgs:
-    """The teacher fields of the distillation configs (TRL's names)."""
-
-    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": (
-        "The teacher: a hub name, a folder or tiny:<spec> (used when the trainer gets no teacher_model=).")})
-    teacher_model_init_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": (
-        "Keyword arguments for loading the teacher from a name or path (e.g. dtype).")})
 
 
 def _split_messages(messages: list[dict], index: int) -> tuple[list[dict], list[dict]]:
@@ -80,12 +68,7 @@ class DistillTrainerBase(OnlineTrainer):
         super().__init__(model, None, args, train_dataset, eval_dataset, processing_class, peft_config=peft_config,
                          callbacks=callbacks, optimizers=optimizers, engine=engine, compute_metrics=compute_metrics,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
-        teacher_spec = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        self.teacher = load_teacher(teacher_spec, self.model, args.teacher_model_init_kwargs).to(args.device)
-        self.teacher_model = self.teacher  # TRL's attribute name
-        self.vocab_size = shared_vocab_size(self.model, self.teacher, self.tokenizer, teacher_tokenizer_of(teacher_spec))
-        if getattr(args, "disable_dropout", False):
-            disable_dropout(self.model)
+        attach_teacher(self, teacher_model)
         self._teacher_engine: HFEngine | None = None
         self._last_source = "student"
         self._prepare_mode = "train"

@@ -10,7 +10,9 @@ id the tokenizer produces.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,12 +20,29 @@ import torch
 from ..models import load_model, load_tokenizer
 from ..ops import output_head
 from ._reference import shares_weights
+from ._reward_heads import disable_dropout
 
-__all__ = ["load_teacher", "shared_vocab_size"]
+__all__ = ["TeacherArgs", "attach_teacher", "load_teacher", "shared_vocab_size"]
 
 
-def load_teacher(teacher: Any, student: torch.nn.Module, init_kwargs: dict[str, Any] | None = None) -> torch.nn.Module:
+@dataclass
+class TeacherArgs:
+    """The teacher fields of the distillation configs (TRL's names)."""
+
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": (
+        "The teacher: a hub name, a folder or tiny:<spec> (used when the trainer gets no teacher_model=).")})
+    teacher_model_init_kwargs: dict | str | None = field(default=None, metadata={"help": (
+        "Keyword arguments for loading the teacher from a name or path, as a dict or a JSON string (e.g. "
+        "'{\"dtype\": \"bfloat16\"}').")})
+
+
+def load_teacher(teacher: Any, student: torch.nn.Module, init_kwargs: dict[str, Any] | str | None = None) -> torch.nn.Module:
     """The teacher as a frozen module in eval mode (``teacher``: a name, folder, ``tiny:<spec>`` or a model)."""
+    if isinstance(init_kwargs, str):
+        try:
+            init_kwargs = json.loads(init_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"teacher_model_init_kwargs must be a JSON object, got {init_kwargs!r}: {err}") from None
     if teacher is None:
         raise ValueError("distillation needs a teacher: pass teacher_model= (a model, a name, a folder or "
                          "tiny:<spec>) or set teacher_model_name_or_path in the config")
@@ -78,3 +97,16 @@ def teacher_tokenizer_of(teacher: Any) -> Any:
         return load_tokenizer(os.fspath(teacher))
     except (OSError, ValueError):
         return None
+
+
+def attach_teacher(trainer: Any, teacher_model: Any) -> None:
+    """Give a trainer its teacher (``teacher_model``, else ``args.teacher_model_name_or_path``), frozen and on
+    the trainer's device, as ``trainer.teacher`` (and TRL's ``trainer.teacher_model``), the shared vocabulary
+    size as ``trainer.vocab_size``; turn off the student's dropout when ``args.disable_dropout``."""
+    args = trainer.args
+    spec = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+    trainer.teacher = load_teacher(spec, trainer.model, args.teacher_model_init_kwargs).to(args.device)
+    trainer.teacher_model = trainer.teacher
+    trainer.vocab_size = shared_vocab_size(trainer.model, trainer.teacher, trainer.tokenizer, teacher_tokenizer_of(spec))
+    if getattr(args, "disable_dropout", False):
+        disable_dropout(trainer.model)
