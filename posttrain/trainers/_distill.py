@@ -55,15 +55,22 @@ class DistillTrainerBase(OnlineTrainer):
 
     accepted_formats: ClassVar = (DatasetKind.PROMPT_ONLY, DatasetKind.PROMPT_COMPLETION, DatasetKind.LANGUAGE_MODELING)
 
-    def __init__(self, model: Any = None, teacher_model: Any = None, args: Any = None, data_collator: Any = None,
-                 train_dataset: Any = None, eval_dataset: Any = None, processing_class: Any = None,
-                 compute_metrics: Any = None, callbacks: list | None = None, optimizers: tuple = (None, None),
-                 preprocess_logits_for_metrics: Any = None, peft_config: Any = None, engine: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, model: Any = None, teacher_model: Any = None, args: Any = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, processing_class: Any = None, callbacks: list | None = None,
+                 optimizers: tuple = (None, None), quantization_config: Any = None, peft_config: Any = None,
+                 tools: Any = None, *, data_collator: Any = None, compute_metrics: Any = None,
+                 preprocess_logits_for_metrics: Any = None, engine: Any = None, **kwargs: Any) -> None:
+        """TRL 1.16 DistillationTrainer's argument order; `GKDTrainer` reorders for TRL's GKDTrainer."""
         if data_collator is not None:
             raise ValueError(f"{type(self).__name__} builds its batches from the rollouts (prompts, then student, "
                              "teacher or dataset completions): drop data_collator=")
+        if tools:
+            raise ValueError(f"{type(self).__name__} does not run tool calls: drop tools=")
         args = self.resolve_args(args)
+        if quantization_config is not None:
+            if not isinstance(model, str):
+                raise ValueError("quantization_config applies to a model loaded by name; this one is already loaded")
+            args.model_init_kwargs = {**(args.model_init_kwargs or {}), "quantization_config": quantization_config}
         self._row_index = 0
         super().__init__(model, None, args, train_dataset, eval_dataset, processing_class, peft_config=peft_config,
                          callbacks=callbacks, optimizers=optimizers, engine=engine, compute_metrics=compute_metrics,

@@ -47,10 +47,9 @@ class DistillationConfig(TeacherArgs, OnlineConfig):
 
 
 class DistillationTrainer(DistillTrainerBase):
-    """On-policy distillation: ``DistillationTrainer(model, teacher_model, args, data_collator=None,
-    train_dataset, eval_dataset, processing_class, compute_metrics=None, callbacks, optimizers,
-    preprocess_logits_for_metrics=None, peft_config)``. Prompts only are read (a dataset's completions
-    are ignored)."""
+    """On-policy distillation: ``DistillationTrainer(model, teacher_model, args, train_dataset, eval_dataset,
+    processing_class, callbacks, optimizers, quantization_config, peft_config)`` as in TRL 1.16. Prompts only
+    are read (a dataset's completions are ignored)."""
 
     config_class: ClassVar = DistillationConfig
     _tag_names: ClassVar = ["posttrain", "distillation"]

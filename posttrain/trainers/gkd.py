@@ -62,8 +62,18 @@ class GKDTrainer(DistillTrainerBase):
     config_class: ClassVar = GKDConfig
     _tag_names: ClassVar = ["posttrain", "gkd"]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: Any = None, teacher_model: Any = None, args: GKDConfig | None = None,
+                 data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+                 processing_class: Any = None, compute_metrics: Any = None, callbacks: list | None = None,
+                 optimizers: tuple = (None, None), preprocess_logits_for_metrics: Any = None, peft_config: Any = None,
+                 formatting_func: Any = None, **kwargs: Any) -> None:
+        if formatting_func is not None:
+            raise ValueError("GKDTrainer reads prompt-completion or 'messages' rows as they are: format the dataset "
+                             "first (dataset.map) instead of passing formatting_func=")
+        super().__init__(model, teacher_model, args, train_dataset, eval_dataset, processing_class, callbacks,
+                         optimizers, peft_config=peft_config, data_collator=data_collator,
+                         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                         **kwargs)
         a = self.args
         data = self.train_dataset
         if a.lmbda < 1.0 and not a.seq_kd and data is not None and "completion_ids" not in data.column_names:
