@@ -57,7 +57,7 @@ def export(folder: str, args: argparse.Namespace) -> dict:
             f.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n")
             ids = tokenize_prompt_completion(tok, r["prompt"], r["completion"])
             lengths.append((len(ids["prompt_ids"]), len(ids["completion_ids"])))
-    settings = {"batch": args.batch, "warmup": args.warmup, "steps": args.steps, "temperature": 1.0,
+    settings = {"batch": args.batch, "warmup": args.warmup, "steps": args.steps, "temperature": 1.0, "beta": args.beta,
                 "lmbda": 0.0, "max_completion_length": args.max_completion_length,
                 "mean_prompt_tokens": sum(p for p, _ in lengths) / len(lengths),
                 "mean_completion_tokens": sum(c for _, c in lengths) / len(lengths)}
@@ -85,11 +85,11 @@ def posttrain_worker(folder: str, mode: str, threads: int | None) -> None:
                   max_steps=s["warmup"] + s["steps"], learning_rate=1e-5, logging_steps=10_000, save_strategy="no",
                   report_to="none", disable_tqdm=True, use_cpu=True, bf16=False, temperature=s["temperature"])
     if mode == "gkd":
-        config = GKDConfig(lmbda=s["lmbda"], beta=0.5, max_new_tokens=s["max_completion_length"], **common)
+        config = GKDConfig(lmbda=s["lmbda"], beta=s["beta"], max_new_tokens=s["max_completion_length"], **common)
         data = Dataset.from_list([{"messages": r["prompt"] + r["completion"]} for r in rows])
         trainer = GKDTrainer(student, teacher, config, train_dataset=data, processing_class=tokenizer)
     else:
-        config = DistillationConfig(beta=1.0, max_completion_length=s["max_completion_length"], **common)
+        config = DistillationConfig(beta=s["beta"], max_completion_length=s["max_completion_length"], **common)
         data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
         trainer = DistillationTrainer(student, teacher, config, train_dataset=data, processing_class=tokenizer)
     marks: dict = {}
@@ -150,7 +150,8 @@ def main() -> None:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         folder = tempfile.mkdtemp(prefix=f"distill-bench-{mode}-")
         length = args.max_completion_length if mode == "gkd" else args.distill_completion_length
-        s = export(folder, argparse.Namespace(**{**vars(args), "max_completion_length": length}))
+        s = export(folder, argparse.Namespace(**{**vars(args), "max_completion_length": length,
+                                                 "beta": 0.5 if mode == "gkd" else 1.0}))
         section = {"posttrain": _figures(_run([sys.executable, os.path.abspath(__file__), "--worker", folder, mode,
                                                *threads]), s, mode)}
         if args.peer_python:

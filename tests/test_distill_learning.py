@@ -39,7 +39,7 @@ STEPS = 40
 
 @pytest.fixture(scope="module")
 def task_splits():
-    return ArithmeticTask(digits=2, seed=0).split(2000, 48)
+    return ArithmeticTask(digits=2, seed=0).split(2000, 48, "prompt_completion", "prompt_completion")
 
 
 def held_out_token_accuracy(model, tok, test) -> float:
