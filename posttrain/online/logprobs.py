@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.padding_free import padding_free_row
-from ..ops import token_logps, unwrap_model
+from ..ops import token_divergence, token_logps, unwrap_model
 
 
 @dataclass
@@ -48,6 +48,27 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(unwrap_model(model).parameters()).device
 
 
+def _completion_inputs(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                       device: torch.device, padding_free: bool, pad_token_id: int):
+    """``(input_ids, attention_mask, position_ids, completion token mask)`` of prompt + completion sequences:
+    one padding-free row ``[1, T]``, or right-padded rows ``[B, L]``."""
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token to predict its completion's first token from")
+    if padding_free:
+        row = padding_free_row(prompt_ids, completion_ids, device=device)
+        return row.input_ids, None, row.position_ids, row.completion_mask
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    tok_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    for b, (p, s) in enumerate(zip(prompt_ids, seqs)):
+        input_ids[b, : len(s)] = torch.tensor(s, device=device)
+        attention_mask[b, : len(s)] = 1
+        tok_mask[b, len(p) : len(s)] = True
+    return input_ids, attention_mask, None, tok_mask
+
+
 def completion_logps(
     model: torch.nn.Module,
     prompt_ids: Sequence[Sequence[int]],
@@ -58,35 +79,23 @@ def completion_logps(
     with_entropy: bool = False,
     chunk_size: int = 1024,
     pad_token_id: int = 0,
+    vocab_size: int | None = None,
 ) -> CompletionLogps:
     """Log-probs (and entropies) of each completion's tokens given its prompt, as ``[B, Lc]``.
 
     Logits are divided by ``temperature`` first, as the sampler did, so these are comparable with the
     sampler's log-probs. Every prompt must be non-empty (a completion's first token is predicted from
-    the prompt's last one). Gradients flow unless called under ``torch.no_grad``.
+    the prompt's last one). Gradients flow unless called under ``torch.no_grad``. ``vocab_size``: normalize
+    over the first ``vocab_size`` ids only (the vocabulary shared with a teacher; `posttrain.ops.shared_head`).
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts for {len(completion_ids)} completions")
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("every prompt needs at least one token to predict its completion's first token from")
     device = _device(model)
     lengths = [len(c) for c in completion_ids]
-    if padding_free:
-        row = padding_free_row(prompt_ids, completion_ids, device=device)
-        input_ids, position_ids, tok_mask, attention_mask = row.input_ids, row.position_ids, row.completion_mask, None
-    else:
-        seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long, device=device)
-        attention_mask = torch.zeros_like(input_ids)
-        tok_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for b, (p, s) in enumerate(zip(prompt_ids, seqs)):
-            input_ids[b, : len(s)] = torch.tensor(s, device=device)
-            attention_mask[b, : len(s)] = 1
-            tok_mask[b, len(p) : len(s)] = True
-        position_ids = None
+    input_ids, attention_mask, position_ids, tok_mask = _completion_inputs(prompt_ids, completion_ids, device,
+                                                                            padding_free, pad_token_id)
     out = token_logps(model, input_ids, attention_mask, position_ids, mask=tok_mask, temperature=temperature,
-                      with_entropy=with_entropy, chunk_size=chunk_size)
+                      with_entropy=with_entropy, chunk_size=chunk_size, vocab_size=vocab_size)
     mask = completion_mask(lengths, device)
     logps = out.logps.new_zeros(mask.shape).masked_scatter(mask, out.logps[tok_mask])
     entropy = None
@@ -162,3 +171,39 @@ def batched_completion_logps(
                                 completion_ids[start : start + batch_size], **kwargs)
         out[start : start + part.logps.shape[0], : part.logps.shape[1]] = part.logps
     return out
+
+
+def completion_divergence(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    padding_free: bool = True,
+    chunk_size: int | None = None,
+    pad_token_id: int = 0,
+    vocab_size: int | None = None,
+    student_logps_temperature: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token divergence between student and teacher at each completion token, ``([B, Lc], mask [B, Lc])``;
+    with ``student_logps_temperature``, ``(divergence, student logps, mask)`` from one student forward.
+
+    Both models read the same prompt + completion sequences; the divergence at token ``t`` compares their
+    full next-token distributions (`posttrain.ops.token_divergence`: from hidden states and each head in
+    chunks, never ``[B, L, V]``). Gradients reach the student only.
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts for {len(completion_ids)} completions")
+    device = _device(student)
+    input_ids, attention_mask, position_ids, tok_mask = _completion_inputs(prompt_ids, completion_ids, device,
+                                                                            padding_free, pad_token_id)
+    out = token_divergence(student, teacher, input_ids, attention_mask, position_ids, mask=tok_mask, kind=kind,
+                           beta=beta, temperature=temperature, chunk_size=chunk_size, vocab_size=vocab_size,
+                           student_logps_temperature=student_logps_temperature)
+    mask = completion_mask([len(c) for c in completion_ids], device)
+    parts = out if isinstance(out, tuple) else (out,)
+    laid_out = [v.new_zeros(mask.shape).masked_scatter(mask, v[tok_mask]) for v in parts]
+    return (*laid_out, mask)

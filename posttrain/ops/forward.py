@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.ops.divergences import chunked_divergence
-from posttrain.ops.logprobs import selective_log_softmax_ext
+from posttrain.ops.logprobs import auto_chunk_size, selective_log_softmax_ext
 from posttrain.ops.wrappers import unwrap_model
 
-__all__ = ["TokenLogps", "token_logps", "token_divergence", "output_head", "decoder_module", "decoder_hidden_states",
-           "prediction_mask"]
+__all__ = ["TokenLogps", "token_logps", "token_divergence", "output_head", "shared_head", "decoder_module",
+           "decoder_hidden_states", "prediction_mask"]
 
 
 @dataclass
@@ -73,6 +73,19 @@ def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(f"output head {type(head).__name__} has no [V, H] weight")
     return weight, getattr(head, "bias", None)
+
+
+def shared_head(model: nn.Module, vocab_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """`output_head` restricted to its first ``vocab_size`` rows (views, so gradients reach the full weight).
+
+    Models that share a tokenizer may pad their embeddings to different sizes; comparing two of them (a
+    student and its teacher) takes both distributions over the ids they share, ``min(V_S, V_T)``."""
+    weight, bias = output_head(model)
+    if vocab_size is None or vocab_size == weight.shape[0]:
+        return weight, bias
+    if not 0 < vocab_size <= weight.shape[0]:
+        raise ValueError(f"vocab_size={vocab_size}: the head has {weight.shape[0]} rows")
+    return weight[:vocab_size], (bias[:vocab_size] if bias is not None else None)
 
 
 def decoder_module(model: nn.Module) -> nn.Module:
@@ -170,7 +183,7 @@ def _scatter(values: Tensor, mask: Tensor, fill: float | int = 0) -> Tensor:
 def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, *, mask: Tensor | None = None, temperature: float = 1.0,
                 with_entropy: bool = False, with_argmax: bool = False, chunk_size: int | None = None,
-                return_hidden: bool = False, **model_kwargs: Any) -> TokenLogps:
+                return_hidden: bool = False, vocab_size: int | None = None, **model_kwargs: Any) -> TokenLogps:
     """Per-token log-probs of ``input_ids`` under ``model``, computed only where ``mask`` is set.
 
     Args:
@@ -182,6 +195,8 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
         with_entropy / with_argmax: also return per-token entropy / argmax token (for token accuracy).
         chunk_size: rows per block in the chunked head computation.
         return_hidden: also return the decoder's last hidden state ``[B, L, H]``.
+        vocab_size: normalize over the first ``vocab_size`` ids of the head only (the vocabulary shared
+            with another model whose embedding is padded differently; see `shared_head`).
         model_kwargs: passed to the model's forward.
 
     Returns:
@@ -189,7 +204,7 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
     """
     hidden = decoder_hidden_states(model, input_ids, attention_mask, position_ids, **model_kwargs)
     pmask = prediction_mask(input_ids, attention_mask, position_ids, mask)
-    weight, bias = output_head(model)
+    weight, bias = shared_head(model, vocab_size)
     rows = _rows(hidden, pmask)
     labels = input_ids[pmask]
     logps, entropy, argmax = selective_log_softmax_ext(
@@ -207,20 +222,34 @@ def token_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
 def token_divergence(student: nn.Module, teacher: nn.Module, input_ids: Tensor,
                      attention_mask: Tensor | None = None, position_ids: Tensor | None = None, *,
                      mask: Tensor | None = None, kind: str = "jsd", beta: float = 0.5, temperature: float = 1.0,
-                     chunk_size: int | None = None, **model_kwargs: Any) -> Tensor:
+                     chunk_size: int | None = None, vocab_size: int | None = None,
+                     student_logps_temperature: float | None = None,
+                     **model_kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token ``[B, L]`` divergence between student and teacher next-token distributions.
 
     Value at ``t`` compares the distributions both models predict for token ``t`` (from ``t - 1``);
     see :func:`posttrain.ops.divergences.chunked_divergence` for ``kind`` and ``beta``. The teacher runs
-    under ``torch.no_grad``; gradients reach the student only.
+    under ``torch.no_grad``; gradients reach the student only. ``vocab_size``: both distributions over the
+    first ``vocab_size`` ids (default: the smaller head's size; see `shared_head`).
+
+    With ``student_logps_temperature``, returns ``(divergence, logps)``: also the student's log-probs of the
+    tokens of ``input_ids`` (its whole head, logits divided by that temperature), from the same forward, so a
+    loss that needs both (MiniLLM's policy gradient plus its per-token reverse KL) runs the student once.
     """
     hs = decoder_hidden_states(student, input_ids, attention_mask, position_ids, **model_kwargs)
     with torch.no_grad():
         ht = decoder_hidden_states(teacher, input_ids, attention_mask, position_ids, **model_kwargs)
-        wt, bt = output_head(teacher)
+    if vocab_size is None:
+        vocab_size = min(output_head(student)[0].shape[0], output_head(teacher)[0].shape[0])
+    wt, bt = shared_head(teacher, vocab_size)
     pmask = prediction_mask(input_ids, attention_mask, position_ids, mask)
-    ws, bs = output_head(student)
+    ws, bs = shared_head(student, vocab_size)
     values = chunked_divergence(_rows(hs, pmask), ws, _rows(ht, pmask), wt.detach(), kind=kind, beta=beta,
                                 student_bias=bs, teacher_bias=bt.detach() if bt is not None else None,
-                                temperature=temperature, chunk_size=chunk_size)
-    return _scatter(values, pmask)
+                                temperature=temperature, chunk_size=auto_chunk_size(vocab_size, chunk_size))
+    if student_logps_temperature is None:
+        return _scatter(values, pmask)
+    full_ws, full_bs = output_head(student)
+    logps, _, _ = selective_log_softmax_ext(_rows(hs, pmask), full_ws, input_ids[pmask], bias=full_bs,
+                                            temperature=student_logps_temperature, chunk_size=chunk_size)
+    return _scatter(values, pmask), _scatter(logps, pmask)

@@ -11,3 +11,6 @@ from . import cpo  # noqa: F401
 from . import orpo  # noqa: F401
 from . import kto  # noqa: F401
 from . import bco  # noqa: F401
+from . import gkd  # noqa: F401
+from . import distillation  # noqa: F401
+from . import minillm  # noqa: F401
