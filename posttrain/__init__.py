@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "AsyncGRPOTrainer": "posttrain.trainers.async_grpo",
     "RLOOConfig": "posttrain.trainers.rloo",
     "RLOOTrainer": "posttrain.trainers.rloo",
+    "PPOConfig": "posttrain.trainers.ppo",
+    "PPOTrainer": "posttrain.trainers.ppo",
     "DPOConfig": "posttrain.trainers.dpo",
     "DPOTrainer": "posttrain.trainers.dpo",
     "CPOConfig": "posttrain.trainers.cpo",

@@ -11,3 +11,4 @@ from . import cpo  # noqa: F401
 from . import orpo  # noqa: F401
 from . import kto  # noqa: F401
 from . import bco  # noqa: F401
+from . import ppo  # noqa: F401
