@@ -107,3 +107,30 @@ def test_cli_ppo_with_rule_rewards(tmp_path):
     metrics = run_method("ppo", ["--config", str(config), "--kl_coef", "0.1"])
     assert "train_loss" in metrics
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "value_model" / "config.json").exists()
+
+
+def _learning_run(tmp_path, **kw):
+    data = ArithmeticTask(digits=2).prompt_only(264)
+    train, held_out = data.select(range(200)), data.select(range(200, 264))
+    model, tok = build_tiny("nano")
+    args = _config(tmp_path, per_device_train_batch_size=16, response_length=8, num_ppo_epochs=1, max_steps=16,
+                   learning_rate=3e-2, logging_steps=4, kl_coef=0.0, per_device_eval_batch_size=64, **kw)
+    trainer = PPOTrainer(args=args, processing_class=tok, model=model, reward_funcs=digit_share,
+                         train_dataset=train, eval_dataset=held_out)
+    before = trainer.evaluate()["eval_reward"]
+    trainer.train()
+    return trainer, before, trainer.evaluate()["eval_reward"]
+
+
+@pytest.mark.slow
+def test_ppo_raises_held_out_reward():
+    """PPO with its critic (GAE) on a rule reward: the mean reward on 64 held-out prompts rises (measured
+    0.00 -> 1.00 in 16 steps of 16 completions)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from pathlib import Path
+        trainer, before, after = _learning_run(Path(tmp), value_learning_rate=1e-4, seed=0)
+    print(f"PPO held-out reward {before:.3f} -> {after:.3f}", history(trainer, "objective/scores"))
+    assert before < 0.1 and after > 0.5
+    assert len(history(trainer, "loss/value_avg")) == 4

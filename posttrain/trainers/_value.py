@@ -19,23 +19,24 @@ from ..data.padding_free import padding_free_row
 from ..models import unwrap_model
 from ..ops.attention import use_varlen_attention
 from ..online.logprobs import completion_mask
-from ._reward_heads import as_classifier, disable_dropout, head_name, init_head
+from ._reward_heads import as_classifier, disable_dropout, head_name
 
 __all__ = ["completion_values", "default_value_model", "batched_completion_values"]
 
 
-def default_value_model(policy: nn.Module, reward_model: Any = None, seed: int = 0) -> nn.Module:
+def default_value_model(policy: nn.Module, reward_model: Any = None) -> nn.Module:
     """A fresh critic: a copy of ``reward_model`` when it is a module on the policy's vocabulary (its backbone
-    already reads the task; TRL's recipe), else the policy's backbone with a new one-score head (initialized
-    small and seeded, so the first values are near 0)."""
+    already reads the task; TRL's recipe), else the policy's backbone with a new one-score head initialized to
+    zero (a critic that predicts 0 everywhere adds no noise to the first advantages; the head's gradient is
+    not zero, so it learns from the first step, and the backbone from the second)."""
     vocab = getattr(unwrap_model(policy).config, "vocab_size", None)
     if isinstance(reward_model, nn.Module) and getattr(getattr(reward_model, "config", None), "vocab_size", -1) == vocab:
         value = copy.deepcopy(unwrap_model(reward_model))
     else:
         value = as_classifier(copy.deepcopy(unwrap_model(policy)), "seq-cls", 1)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            init_head(value, force=True)
+        with torch.no_grad():  # every value starts at 0: no noise in the first advantages, explained variance 0
+            for p in getattr(value, head_name(value)).parameters():
+                p.zero_()
     value.requires_grad_(True)
     disable_dropout(value)
     use_varlen_attention(value)

@@ -89,6 +89,9 @@ class PPOConfig(OnlineConfig):
         "reinforce_pp_baseline: the same after subtracting each prompt's mean score (needs num_generations > 1)."))
     dual_clip: float | None = field(default=None, metadata=_help(
         "Dual-clip constant c > 1: caps the loss of negative-advantage tokens at -c * A (None: off)."))
+    value_learning_rate: float | None = field(default=None, metadata=_help(
+        "Peak learning rate of the value model (same schedule as the policy's). Default: learning_rate. A fresh "
+        "critic head usually wants a larger one than a pretrained policy."))
     save_value_model: bool = field(default=False, metadata=_help(
         "Also save the trained value model to <output_dir>/value_model when saving the policy."))
     # ---- overridden defaults (TRL's PPO values)
@@ -195,7 +198,7 @@ class PPOTrainer(OnlineTrainer):
         if isinstance(given, str):
             from ..models.loading import load_model
             given = load_model(given, task="seq-cls")
-        value = given if given is not None else default_value_model(policy, reward_model, seed=args.seed)
+        value = given if given is not None else default_value_model(policy, reward_model)
         check_value_model(value, policy)
         value.train()
         self.value_model = value
@@ -205,7 +208,8 @@ class PPOTrainer(OnlineTrainer):
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         if self.value_model is not None and not getattr(self, "_value_in_optimizer", False):
             params = [p for p in self.value_model.parameters() if p.requires_grad]
-            self.optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+            lr = self.args.value_learning_rate or self.args.learning_rate
+            self.optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay, "lr": lr})
             self._value_in_optimizer = True
         return optimizer
 
