@@ -29,6 +29,8 @@ _EXPORTS: dict[str, str] = {
     "RLOOTrainer": "posttrain.trainers.rloo",
     "PPOConfig": "posttrain.trainers.ppo",
     "PPOTrainer": "posttrain.trainers.ppo",
+    "ReinforcePPConfig": "posttrain.trainers.reinforce_pp",
+    "ReinforcePPTrainer": "posttrain.trainers.reinforce_pp",
     "DPOConfig": "posttrain.trainers.dpo",
     "DPOTrainer": "posttrain.trainers.dpo",
     "CPOConfig": "posttrain.trainers.cpo",

@@ -12,3 +12,4 @@ from . import orpo  # noqa: F401
 from . import kto  # noqa: F401
 from . import bco  # noqa: F401
 from . import ppo  # noqa: F401
+from . import reinforce_pp  # noqa: F401
