@@ -12,7 +12,7 @@ from posttrain.models import build_tiny
 from posttrain.models.loading import load_model
 from posttrain.tasks import ArithmeticTask
 
-from _online_helpers import _one_thread, digit_share, history  # noqa: F401  (_one_thread: autouse)
+from _online_helpers import _one_thread, digit_share, history, text_length  # noqa: F401  (_one_thread: autouse)
 
 TRL_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
@@ -134,3 +134,43 @@ def test_ppo_raises_held_out_reward():
     print(f"PPO held-out reward {before:.3f} -> {after:.3f}", history(trainer, "objective/scores"))
     assert before < 0.1 and after > 0.5
     assert len(history(trainer, "loss/value_avg")) == 4
+
+
+def test_peft_reference_is_the_base_with_adapters_disabled(tmp_path):
+    from peft import LoraConfig
+
+    model, tok = build_tiny("nano")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = _config(tmp_path, kl_coef=0.1, num_ppo_epochs=1, learning_rate=5e-2)
+    # TRL's call with a ref_model and a peft_config: the base serves as the reference, no copy is kept
+    trainer = PPOTrainer(args, tok, model, copy.deepcopy(model), None, ArithmeticTask(digits=2).prompt_only(16),
+                         None, peft_config=lora, reward_funcs=text_length)
+    assert trainer.ref_model is None
+    causal_lms = [m for m in (trainer.model, trainer.value_model) for m in m.modules()
+                  if type(m).__name__ == "LlamaForCausalLM"]
+    assert len(causal_lms) == 1  # the policy; the critic is a seq-cls model built from the plain weights
+    assert not any("lora" in k for k in trainer.value_model.state_dict())
+    trainer.train()
+    kls = history(trainer, "objective/kl")
+    assert abs(kls[0]) < 1e-5 and abs(kls[1]) > 1e-6  # zero-initialized adapters: policy == base at first
+
+
+def test_resume_restores_policy_value_model_and_optimizer(tmp_path):
+    data = ArithmeticTask(digits=2).prompt_only(32)
+
+    def make():
+        model, tok = build_tiny("nano")
+        args = _config(tmp_path, num_ppo_epochs=1, save_strategy="steps", save_steps=1, max_steps=2)
+        return PPOTrainer(args=args, processing_class=tok, model=model, reward_funcs=digit_share, train_dataset=data)
+
+    first = make()
+    first.train()  # two steps, checkpoints after each
+    second = make()
+    second.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    # step 2 from the restored policy, critic and Adam moments gives the uninterrupted run's weights
+    assert second.state.global_step == 2
+    for a, b in [(first.model, second.model), (first.value_model, second.value_model)]:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    value_a, value_b = next(iter(first.value_model.parameters())), next(iter(second.value_model.parameters()))
+    assert torch.allclose(first.optimizer.state[value_a]["exp_avg"], second.optimizer.state[value_b]["exp_avg"], atol=1e-7)
