@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -292,8 +293,10 @@ class PPOTrainer(OnlineTrainer):
             token_r = masked_whiten(token_r, mask, shift_mean=False)
         metrics: dict[str, float] = {}
         if self.uses_critic:
+            start = time.perf_counter()
             values = batched_completion_values(self.value_model, batch.prompt_ids, batch.completion_ids,
                                                self._logps_batch_size()).to(device)
+            self.timings["value"] += time.perf_counter() - start  # part of "prepare"
             advantages, returns = gae_advantages(token_r, values, mask, args.gamma, args.lam)
             advantages = masked_whiten(advantages, mask)
             batch.values, batch.returns = values, returns
