@@ -44,7 +44,7 @@ def test_config_maps_trl_fields_onto_the_loop(tmp_path):
 def test_ppo_trains_with_a_rule_reward_and_logs_trls_metrics(tmp_path):
     model, tok = build_tiny("nano")
     before = copy.deepcopy(model.state_dict())
-    trainer = PPOTrainer(args=_config(tmp_path), processing_class=tok, model=model, reward_funcs=digit_share,
+    trainer = PPOTrainer(args=_config(tmp_path), processing_class=tok, model=model, reward_funcs=text_length,
                          train_dataset=ArithmeticTask(digits=2).prompt_only(32))
     value_before = copy.deepcopy(trainer.value_model.state_dict())
     trainer.train()
