@@ -11,3 +11,4 @@ from posttrain.losses.policy_gradient import LOSS_TYPES, aggregate_token_loss, c
 from posttrain.losses.grpo import grpo_loss  # noqa: F401
 from posttrain.losses.rloo import rloo_loss, sequence_kl  # noqa: F401
 from posttrain.losses.advantages import group_relative_advantages, normalize_advantages, rloo_advantages  # noqa: F401
+from posttrain.losses.ppo import explained_variance, gae_advantages, masked_whiten, ppo_policy_loss, ppo_value_loss, reinforce_pp_advantages, token_rewards  # noqa: F401

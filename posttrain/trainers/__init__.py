@@ -14,3 +14,5 @@ from . import bco  # noqa: F401
 from . import gkd  # noqa: F401
 from . import distillation  # noqa: F401
 from . import minillm  # noqa: F401
+from . import ppo  # noqa: F401
+from . import reinforce_pp  # noqa: F401
