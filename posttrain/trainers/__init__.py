@@ -11,3 +11,6 @@ from . import cpo  # noqa: F401
 from . import orpo  # noqa: F401
 from . import kto  # noqa: F401
 from . import bco  # noqa: F401
+from . import online_dpo  # noqa: F401
+from . import xpo  # noqa: F401
+from . import nash_md  # noqa: F401
