@@ -31,12 +31,13 @@ order (seeded per judge) and maps its verdict back; score-based judges are order
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 import random
 from typing import Any, Sequence
 
 import torch
+
+from .rewards.compose import _accepted_kwargs
 
 __all__ = ["BaseJudge", "BasePairwiseJudge", "BaseRankJudge", "BaseBinaryJudge", "AllTrueJudge",
            "ScorePairwiseJudge", "RewardFunctionJudge", "RewardModelJudge", "PairRMJudge", "call_judge",
@@ -99,16 +100,6 @@ class AllTrueJudge(BaseBinaryJudge):
         return out
 
 
-def _columns_for(func: Any, columns: dict[str, list]) -> dict[str, list]:
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return columns
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return columns
-    return {k: v for k, v in columns.items() if k in params}
-
-
 def _check_pairs(prompts: Sequence[Any], completions: Sequence[Sequence[Any]]) -> None:
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} pairs of completions")
@@ -169,7 +160,7 @@ class RewardFunctionJudge(ScorePairwiseJudge):
 
     def score(self, prompts: list[Any], completions: list[Any], **columns: list) -> list[float]:
         values = self.reward_func(prompts=prompts, completions=completions, completion_ids=[[] for _ in completions],
-                                  **_columns_for(self.reward_func, columns))
+                                  **_accepted_kwargs(self.reward_func, columns))
         return [None if v is None else float(v) for v in values]
 
 
@@ -240,7 +231,7 @@ def call_judge(judge: Any, prompts: list[Any], pairs: list[list[Any]], columns: 
                return_scores: bool = False) -> list:
     """``judge.judge(prompts, pairs)``, with the dataset ``columns`` and ``return_scores`` passed only to
     judges whose ``judge`` method takes them (TRL's judges take neither)."""
-    kwargs: dict[str, Any] = dict(_columns_for(judge.judge, dict(columns or {})))
+    kwargs: dict[str, Any] = dict(_accepted_kwargs(judge.judge, dict(columns or {})))
     if return_scores:
         kwargs["return_scores"] = True
     verdicts = judge.judge(prompts, pairs, **kwargs)
