@@ -116,7 +116,7 @@ def main() -> None:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         try:
-            peer = json.loads(out.stdout[out.stdout.index("{"):])
+            peer = json.loads(out.stdout[out.stdout.rindex('{\n  "trl'):])  # after the Trainer's own log lines
         except ValueError:
             peer = {"error": (out.stderr or out.stdout)[-500:]}
         report["trl 1.16 OnlineDPOTrainer"] = peer
