@@ -220,7 +220,7 @@ class HFEngine(RolloutEngine):
         for b, p in enumerate(prompts):  # left padding
             input_ids[b, length - len(p):] = torch.tensor(p, dtype=torch.long)
             attention_mask[b, length - len(p):] = 1
-        processor = SamplingProcessor(params, length)
+        processor = self._sampler(params, length, attention_mask.to(device))
         # Every sampling knob is explicit so nothing is inherited from model.generation_config (an empty
         # eos list means "no stop", where None would inherit the model's); the sampling transforms live in
         # `processor`, which also draws the token: generate runs greedy on its one-hot scores.
@@ -247,6 +247,11 @@ class HFEngine(RolloutEngine):
             out_ids.append(ids[:end])
             out_lps.append(logps[b, :end].tolist())
         return out_ids, out_lps
+
+    def _sampler(self, params: SamplingParams, prompt_length: int, attention_mask: Tensor) -> SamplingProcessor:
+        """The sampler of one chunk of left-padded prompts (``attention_mask [B, prompt_length]``); a subclass
+        may return one that reshapes the logits further (`posttrain.online.engine_mixture`)."""
+        return SamplingProcessor(params, prompt_length)
 
     def load_named_weights(self, pairs: Any) -> int:
         """Copy ``(name, tensor)`` pairs into the model's parameters by name (the rollout server's HF

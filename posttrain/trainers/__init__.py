@@ -16,3 +16,6 @@ from . import distillation  # noqa: F401
 from . import minillm  # noqa: F401
 from . import ppo  # noqa: F401
 from . import reinforce_pp  # noqa: F401
+from . import online_dpo  # noqa: F401
+from . import xpo  # noqa: F401
+from . import nash_md  # noqa: F401
