@@ -42,15 +42,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(tmp_path: Path, method: str, extra: str, processes: int, batch: int) -> list[dict]:
-    out = tmp_path / f"{method}-{processes}"
+def _run(tmp_path: Path, method: str, extra: str, processes: int, batch: int, launcher: tuple = ()) -> list[dict]:
+    out = tmp_path / f"{method}-{processes}{'-'.join(launcher[-1:]).replace('/', '_')}"
     config = tmp_path / f"{method}.yaml"
     config.write_text(_COMMON + extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     cmd = [sys.executable, "-m", "posttrain.cli", method, "--config", str(config), "--output_dir", str(out),
            "--per_device_train_batch_size", str(batch)]
     if processes > 1:
-        cmd += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
+        cmd += [*(launcher or ("--num_processes", str(processes))), "--main_process_port", str(_free_port())]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -75,3 +75,11 @@ def test_grpo_runs_in_two_processes_with_the_global_batch_and_whole_groups(tmp_p
     # 2 processes x 8 completions = 16 a step = 4 whole groups of 4: 4 of the 32 prompts, an eighth of an epoch
     assert [h["epoch"] for h in logs] == pytest.approx([0.125, 0.25, 0.375, 0.5])
     assert all(h["frac_reward_zero_std"] < 1.0 for h in logs) and any(h["grad_norm"] > 0 for h in logs)
+
+
+@pytest.mark.slow
+def test_fsdp2_from_an_accelerate_config_follows_the_one_process_sft_trajectory(tmp_path):
+    config = ("--accelerate_config", str(ROOT / "examples" / "accelerate" / "fsdp2.yaml"))
+    one = [h["loss"] for h in _run(tmp_path, "sft", "max_length: 64\n", 1, 4) if "loss" in h]
+    two = [h["loss"] for h in _run(tmp_path, "sft", "max_length: 64\n", 2, 2, config) if "loss" in h]
+    assert len(two) == 4 and two == pytest.approx(one, rel=1e-4, abs=1e-6)
