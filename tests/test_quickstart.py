@@ -20,6 +20,11 @@ def test_quickstart_writes_model_curves_and_results(tmp_path):
     for name in ("sft_loss_curve.png", "grpo_loss_curve.png", "quickstart_curves.png", "model/config.json"):
         assert (out / name).is_file(), name
     assert (out / "sft_loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # held-out exact match is measured through each stage (before it and every steps // curve_points steps)
+    history = results["history"]
+    assert [e["step"] for e in history["sft"] if "heldout_exact_match" in e] == [0, 2, 4]
+    assert [e["step"] for e in history["grpo"] if "heldout_exact_match" in e] == [0, 1, 2]
+    assert any("rewards/arithmetic/mean" in e for e in history["grpo"])
 
 
 def test_stage_split_gives_sft_and_grpo_disjoint_problems_and_the_same_held_out_set():
@@ -60,13 +65,3 @@ def test_quickstart_defaults_every_stage_raises_held_out_exact_match(tmp_path):
     assert acc["after_grpo"] >= acc["after_sft"] + 0.10, acc
     assert (tmp_path / "qs" / "quickstart_curves.png").is_file()
 
-
-def test_curves_record_held_out_exact_match_through_each_stage(tmp_path):
-    out = tmp_path / "qs"
-    main(["quickstart", "--output_dir", str(out), "--model", "tiny:nano", "--train_size", "64", "--test_size", "8",
-          "--sft_size", "32", "--sft_steps", "4", "--grpo_steps", "2", "--grpo_batch_size", "8",
-          "--grpo_generations", "4", "--curve_size", "4", "--curve_points", "2"])
-    history = json.loads((out / "results.json").read_text())["history"]
-    assert [e["step"] for e in history["sft"] if "heldout_exact_match" in e] == [0, 2, 4]
-    assert [e["step"] for e in history["grpo"] if "heldout_exact_match" in e] == [0, 1, 2]
-    assert any("rewards/arithmetic/mean" in e for e in history["grpo"])

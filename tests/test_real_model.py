@@ -38,7 +38,7 @@ def test_assistant_only_mask_on_its_template_skips_the_injected_system_prompt(fo
     from posttrain.models import load_tokenizer
 
     tok = load_tokenizer(str(folder))
-    assert "generation" not in tok.chat_template  # no {% generation %} tags: the masks come from char spans
+    assert "{% generation %}" not in tok.chat_template  # no {% generation %} tags: the masks come from char spans
     messages = [{"role": "user", "content": "What is 47 + 85?"}, {"role": "assistant", "content": "<answer>132</answer>"},
                 {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "<answer>2</answer>"}]
     out = tokenize_messages(tok, messages)
