@@ -1,6 +1,6 @@
 """The `posttrain` command line.
 
-    posttrain <method> [--config run.yaml] [--<any config field> value ...]
+    posttrain <method> [--config run.yaml] [--<any config field> value ...] [--num_processes N | --accelerate_config F]
     posttrain quickstart | serve | report <run_dir> | env
 
 Every registered method (see `posttrain.trainers.registry`) becomes a command; its config dataclass, the
@@ -171,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .report import report_main
 
         return report_main(rest)
+    from .launch import launch_main, split_launch_flags
+
+    launched = launch_main(command, rest)  # --num_processes N / --accelerate_config: under accelerate launch
+    if launched is not None:
+        return launched
+    rest = split_launch_flags(rest)[2]  # --num_processes 1 runs here
     # the run file's env: block is applied before torch and transformers are imported, so that variables
     # they read at import (OMP_NUM_THREADS, HF_HOME, HF_HUB_OFFLINE, ...) take effect
     run_file, rest = _read_and_apply_env(rest)

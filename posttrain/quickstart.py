@@ -2,7 +2,8 @@
 
 It builds a seeded tiny model with the project's own tokenizer, measures held-out exact-match accuracy on the
 built-in arithmetic task, trains it with SFT, measures again, and saves the model, the loss curve (PNG) and
-a `results.json` under `runs/quickstart/`. The stages (SFT, then GRPO) are the entries of `STAGES`, in order.
+a `results.json` under `runs/quickstart/`. The stages (SFT, then GRPO) are the entries of `STAGES`, in order; `quickstart_curves.png` shows what
+each optimizes (loss, token accuracy, reward per function) and held-out exact match along the way.
 """
 
 from __future__ import annotations
@@ -30,16 +31,24 @@ class QuickstartOptions:
     # prompts of the others, whose solutions it never sees (only the reward checks the answer): worked
     # demonstrations are costly, checkable prompts cheap. A model SFT-ed on every problem leaves RL little to do.
     # 0: no split, both stages use every train problem.
-    sft_size: int = 1000
+    sft_size: int = 3000
+    # The demonstrator skips its reasoning on this share of the SFT rows (the completion is only the
+    # `<answer>`): SFT imitates the mix, so its greedy answers are mostly unworked guesses, while GRPO,
+    # rewarded only for the right answer, finds that working the columns pays and moves to it.
+    sft_answer_only: float = 0.5
     seed: int = 0
     sft_steps: int = 400
-    sft_learning_rate: float = 3e-3
+    sft_learning_rate: float = 1.5e-3
     sft_batch_size: int = 32
-    grpo_steps: int = 150
-    grpo_learning_rate: float = 3e-5
+    grpo_steps: int = 80
+    grpo_learning_rate: float = 1e-4
     grpo_generations: int = 8
     grpo_batch_size: int = 64  # completions per step: 8 prompts x 8 samples
-    grpo_temperature: float = 0.7
+    grpo_temperature: float = 1.0
+    # held-out exact match is also measured `curve_points` times during each stage (and before it), on the
+    # first `curve_size` held-out problems (0: no curve), for the plots
+    curve_points: int = 4
+    curve_size: int = 100
     stages: tuple[str, ...] = ("sft", "grpo")
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -58,7 +67,8 @@ def stage_split(task: Any, opts: QuickstartOptions, kind: str, stage: str) -> tu
     """The (train, held-out) rows of `kind` a stage uses: "sft" gets the first `sft_size` train problems,
     "grpo" the rest (all of them when fewer than one GRPO batch of prompts would remain, or `sft_size` is 0).
     The held-out problems are the same for every stage."""
-    splits = task.split(opts.train_size, opts.test_size, kind, kind)
+    extra = {"answer_only": opts.sft_answer_only} if stage == "sft" and kind == "prompt_completion" else {}
+    splits = task.split(opts.train_size, opts.test_size, kind, kind, **extra)
     train, test = splits["train"], splits["test"]
     cut = min(opts.sft_size, len(train)) if opts.sft_size > 0 else len(train)
     if stage == "sft":
@@ -67,6 +77,17 @@ def stage_split(task: Any, opts: QuickstartOptions, kind: str, stage: str) -> tu
         enough = len(train) - cut >= max(1, opts.grpo_batch_size // opts.grpo_generations)
         return (train.select(range(cut, len(train))) if enough else train), test
     raise ValueError(f"unknown quickstart stage {stage!r}; expected 'sft' or 'grpo'")
+
+
+def _curve_callbacks(tokenizer: Any, task: Any, opts: QuickstartOptions, steps: int) -> list:
+    """The held-out exact-match curve of a stage (`ExactMatchCallback`), unless `curve_size` is 0."""
+    from .tasks import ExactMatchCallback
+
+    if opts.curve_size <= 0:
+        return []
+    test = task.split(opts.train_size, opts.test_size, "prompt_only", "prompt_only")["test"]
+    every = max(1, steps // max(1, opts.curve_points))
+    return [ExactMatchCallback(tokenizer, test.select(range(min(opts.curve_size, len(test)))), every)]
 
 
 def _sft_stage(model: Any, tokenizer: Any, task: Any, opts: QuickstartOptions, results: dict) -> Any:
@@ -93,8 +114,10 @@ def _sft_stage(model: Any, tokenizer: Any, task: Any, opts: QuickstartOptions, r
         max_length=128,
         padding_free=False,  # rows are short and alike: plain padded batches are faster here
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=valid, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=valid, processing_class=tokenizer,
+                         callbacks=_curve_callbacks(tokenizer, task, opts, opts.sft_steps))
     trainer.train()
+    results["history"]["sft"] = trainer.state.log_history
     copy_file(os.path.join(out, "loss_curve.png"), os.path.join(opts.output_dir, "sft_loss_curve.png"))
     results["sft_train_loss"] = trainer.state.log_history[-1].get("train_loss")
     return trainer.model
@@ -106,10 +129,11 @@ STAGES["sft"] = _sft_stage
 def _grpo_stage(model: Any, tokenizer: Any, task: Any, opts: QuickstartOptions, results: dict) -> Any:
     """The RL stage: GRPO on the arithmetic task's training prompts that SFT had no solutions for.
 
-    The SFT model already writes worked solutions, but samples go wrong at a digit often; sampling
-    ``grpo_generations`` of them per problem and rewarding the right answer and the reference steps stated
-    (built-in rewards ``arithmetic`` and ``arithmetic_steps``) sharpens it toward its correct solutions, which
-    raises held-out greedy accuracy. It runs on the HF engine in the training process, for ``opts.grpo_steps``
+    The SFT model imitates a demonstrator that mostly skipped its reasoning: greedy, it mostly states a bare
+    answer, which a tiny model gets wrong more often than not, yet its samples still work the columns now and
+    then. Sampling ``grpo_generations`` completions per problem and rewarding only the right answer (built-in
+    ``arithmetic``) and the answer format (``arithmetic_format``) moves it to the worked solutions that pay,
+    which raises held-out greedy accuracy. It runs on the HF engine in the training process, for ``opts.grpo_steps``
     steps; the reward curve goes into ``results``."""
     from .files import copy_file
     from .trainers.grpo import GRPOConfig, GRPOTrainer
@@ -138,9 +162,11 @@ def _grpo_stage(model: Any, tokenizer: Any, task: Any, opts: QuickstartOptions, 
         report_to="none",
         seed=opts.seed,
     )
-    rewards = list(getattr(opts, "grpo_rewards", ("arithmetic", "arithmetic_steps")))
-    trainer = GRPOTrainer(model, rewards, config, train_dataset=prompts, processing_class=tokenizer)
+    rewards = list(getattr(opts, "grpo_rewards", ("arithmetic", "arithmetic_format")))
+    trainer = GRPOTrainer(model, rewards, config, train_dataset=prompts, processing_class=tokenizer,
+                          callbacks=_curve_callbacks(tokenizer, task, opts, opts.grpo_steps))
     trainer.train()
+    results["history"]["grpo"] = trainer.state.log_history
     copy_file(os.path.join(out, "loss_curve.png"), os.path.join(opts.output_dir, "grpo_loss_curve.png"))
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     results["grpo_reward_first_log"] = rewards[0] if rewards else None
@@ -150,6 +176,23 @@ def _grpo_stage(model: Any, tokenizer: Any, task: Any, opts: QuickstartOptions, 
 
 
 STAGES["grpo"] = _grpo_stage
+
+
+def plot_stages(history: dict[str, list[dict]], path: str) -> str | None:
+    """One figure of what each stage optimizes: SFT loss, SFT token accuracy and held-out exact match, GRPO
+    mean reward per reward function, GRPO held-out exact match."""
+    from .plots import plot_panels
+
+    sft, grpo = history.get("sft", []), history.get("grpo", [])
+    return plot_panels([
+        ("SFT: cross-entropy on the demonstrations", sft, ("loss", "eval_loss")),
+        ("SFT: token accuracy, held-out exact match", sft, ("mean_token_accuracy", "heldout_exact_match")),
+        ("GRPO: mean reward per function", grpo, ("rewards/*/mean", "reward")),
+        ("GRPO: held-out exact match, completion length / 64", [
+            {**e, **({"completions/mean_length / 64": e["completions/mean_length"] / 64}
+                     if "completions/mean_length" in e else {})} for e in grpo],
+         ("heldout_exact_match", "completions/mean_length / 64")),
+    ], path)
 
 
 def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
@@ -170,7 +213,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"[bold]posttrain quickstart[/]: {opts.model} ({n_params / 1e6:.1f}M parameters), "
                   f"{opts.digits}-digit addition, {opts.train_size} train / {opts.test_size} held-out problems")
-    results: dict[str, Any] = {"options": asdict(opts), "accuracy": {}, "seconds": {}}
+    results: dict[str, Any] = {"options": asdict(opts), "accuracy": {}, "seconds": {}, "history": {}}
     results["accuracy"]["before"] = _evaluate(model, tokenizer, test)
     console.print(f"held-out exact-match accuracy before training: {results['accuracy']['before']:.1%}")
     for stage in opts.stages:
@@ -186,6 +229,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict[str, Any]:
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     results["seconds"]["total"] = round(time.time() - start, 1)
+    plot_stages(results["history"], os.path.join(opts.output_dir, "quickstart_curves.png"))
     with open(os.path.join(opts.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     table = Table(title="quickstart: held-out exact-match accuracy")

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Sequence
 
-__all__ = ["final_eval", "load_log_history", "report_main"]
+__all__ = ["final_eval", "load_log_history", "report_main", "report_panels"]
 
 
 def _read(path: str) -> dict:
@@ -39,14 +39,33 @@ def final_eval(history: list[dict]) -> dict:
     return {}
 
 
+def report_panels(history: list[dict]) -> list:
+    """The panels `posttrain report` draws for a run: for an online run (it logged ``reward``) the reward (total
+    and per function), the KL to the reference, the completion lengths and the loss; for an offline run the
+    loss, the accuracies and the margins (TRL's ``rewards/accuracies``, ``rewards/margins``, SFT's token
+    accuracy, the reward model's ``accuracy`` / ``margin``), train and eval. Panels without data are dropped
+    when drawn."""
+    if any("reward" in entry for entry in history):
+        return [("reward", history, ("reward", "rewards/*/mean", "eval_reward")),
+                ("KL to the reference", history, ("kl", "eval_kl")),
+                ("completion length (tokens)", history, ("completions/mean_length", "completions/min_length",
+                                                         "completions/max_length")),
+                ("loss", history, ("loss",))]
+    return [("loss", history, ("loss", "eval_loss")),
+            ("accuracy", history, ("*accuracies", "*accuracy", "heldout_exact_match")),
+            ("margin", history, ("*margins", "*margin"))]
+
+
 def report_main(argv: Sequence[str]) -> int:
-    """Print the last value of every logged metric and write `<run_dir>/curves.png`."""
+    """Print the last value of every logged metric and write `<run_dir>/curves.png`: the panels of
+    `report_panels`, or one plot of the metrics named after the run folder."""
+    from .plots import plot_panels
     from .trainers.callbacks import format_metrics, plot_log_history
 
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: posttrain report <run_dir> [metric ...]")
         return 0 if argv else 2
-    run_dir, keys = argv[0], tuple(argv[1:]) or ("loss", "eval_loss")
+    run_dir, keys = argv[0], tuple(argv[1:])
     try:
         history = load_log_history(run_dir)
     except FileNotFoundError as err:
@@ -60,7 +79,8 @@ def report_main(argv: Sequence[str]) -> int:
     if evaluation:
         step = evaluation.pop("step", None)
         print(f"final eval (step {step}): {format_metrics(evaluation)}")
-    path = plot_log_history(history, os.path.join(run_dir, "curves.png"), keys)
+    target = os.path.join(run_dir, "curves.png")
+    path = plot_log_history(history, target, keys) if keys else plot_panels(report_panels(history), target)
     if path:
         print(f"curves: {path}")
     return 0

@@ -257,3 +257,19 @@ def test_greedy_completions_are_model_generate_greedy_through_the_engine():
     assert len(set(got_plain)) > 1
     assert got_plain == [generate_greedy([t])[0] for t in plain]
     assert greedy_completions(model, tok, conv, max_new_tokens=12) == [generate_greedy([t])[0] for t in rendered]
+
+
+def test_answer_only_demonstrations_skip_the_steps_on_the_asked_share_of_rows():
+    from posttrain.tasks import ArithmeticTask
+
+    task = ArithmeticTask(digits=2, seed=0)
+    full, mixed = task.prompt_completion(400), task.prompt_completion(400, answer_only=0.5)
+    short = [i for i, c in enumerate(mixed["completion"]) if "write" not in c]
+    assert 160 <= len(short) <= 240  # about half, seeded
+    assert all(mixed["completion"][i] == f"<answer>{mixed['answer'][i]}</answer>" for i in short)
+    assert all(mixed["completion"][i] == full["completion"][i] for i in range(400) if i not in set(short))
+    assert task.prompt_completion(400, answer_only=0.5)["completion"] == mixed["completion"]
+    import pytest
+
+    with pytest.raises(ValueError, match="answer_only"):
+        task.prompt_completion(4, answer_only=1.5)

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .pretrained import pretrained_folder
 from .tiny import _tokenizer_vocab, build_tiny, tiny_config
 from .tokenizer import build_tokenizer
 
@@ -160,6 +161,7 @@ def load_model(
     name = os.fspath(model)
     if name.startswith("tiny:"):
         return _load_tiny(name[len("tiny:"):], resolved, task, num_labels, model_kwargs)
+    name = str(pretrained_folder(name) or name)  # built-in real models (smollm2-135m-instruct), built on first use
     if task != "causal-lm":
         model_kwargs["num_labels"] = num_labels
     local = Path(name).expanduser()
@@ -195,6 +197,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrained
     name = os.fspath(name_or_path)
     if name.startswith("tiny:"):
         return build_tokenizer(_tokenizer_vocab(name[len("tiny:"):]))
+    name = str(pretrained_folder(name) or name)
     local = Path(name).expanduser()
     if not local.is_dir() and (_looks_like_path(name) or local.exists()):
         raise FileNotFoundError(

@@ -51,12 +51,28 @@ def print_completions_table(rows: list[dict[str, Any]], step: int, console: Any 
     console.print(table)
 
 
-def report_completions_table(rows: list[dict[str, Any]], step: int, report_to: Sequence[str]) -> None:
-    """Send the rows to wandb (``wandb.Table``) and trackio when they are in ``report_to`` and running."""
+def _markdown_table(columns: list[str], data: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in data])
+
+
+def report_completions_table(rows: list[dict[str, Any]], step: int, report_to: Sequence[str],
+                             callbacks: Sequence[Any] = ()) -> None:
+    """Send the rows to wandb (``wandb.Table``) and trackio when they are in ``report_to`` and running, and to
+    tensorboard as a markdown text summary ``completions`` through the writer of the trainer's tensorboard
+    callback (one of ``callbacks``)."""
     if not rows:
         return
     columns = list(rows[0])
     data = [[row[c] if isinstance(row[c], (int, float)) else str(row[c]) for c in columns] for row in rows]
+    if "tensorboard" in report_to:
+        writer = next((cb.tb_writer for cb in callbacks if getattr(cb, "tb_writer", None) is not None), None)
+        if writer is not None:
+            writer.add_text("completions", _markdown_table(columns, data), global_step=step)
     if "wandb" in report_to:
         try:
             import wandb
@@ -77,8 +93,9 @@ def report_completions_table(rows: list[dict[str, Any]], step: int, report_to: S
 
 
 def log_completions(rows: list[dict[str, Any]], step: int, report_to: Sequence[str] | str | None,
-                    console: Any = None) -> None:
-    """Print the table and report it to the trackers."""
+                    console: Any = None, callbacks: Sequence[Any] = ()) -> None:
+    """Print the table and report it to the trackers (``callbacks``: the trainer's, where the tensorboard
+    writer lives)."""
     report = [report_to] if isinstance(report_to, str) else list(report_to or [])
     print_completions_table(rows, step, console)
-    report_completions_table(rows, step, report)
+    report_completions_table(rows, step, report, callbacks)

@@ -10,10 +10,11 @@ from .arithmetic import (
     format_reward,
     solve,
 )
-from .evaluate import exact_match
+from .evaluate import ExactMatchCallback, exact_match
 
 __all__ = [
     "ArithmeticTask",
+    "ExactMatchCallback",
     "Problem",
     "Solution",
     "accuracy_reward",

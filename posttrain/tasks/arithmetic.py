@@ -275,7 +275,10 @@ class ArithmeticTask:
     def _wrong_solution(self, p: Problem, nsteps: int, rng: random.Random) -> Solution:
         return solve(p, error_step=rng.randrange(nsteps), rng=rng, error_kind=self.errors)
 
-    def _rows(self, kind: str, problems: Sequence[Problem], implicit_prompt: bool = False) -> datasets.Dataset:
+    def _rows(self, kind: str, problems: Sequence[Problem], implicit_prompt: bool = False,
+              answer_only: float = 0.0) -> datasets.Dataset:
+        if not 0.0 <= answer_only <= 1.0:
+            raise ValueError(f"answer_only must be a fraction in [0, 1], got {answer_only}")
         rng = self._rng(kind)
         rows: list[dict[str, Any]] = []
         for p in problems:
@@ -290,7 +293,8 @@ class ArithmeticTask:
             elif kind == "prompt_only":
                 row["prompt"] = prompt
             elif kind == "prompt_completion":
-                row.update(prompt=prompt, completion=self._completion(good.text))
+                short = answer_only > 0 and rng.random() < answer_only
+                row.update(prompt=prompt, completion=self._completion(good.steps[-1] if short else good.text))
             elif kind == "preference":
                 bad = self._wrong_solution(p, len(good.steps), rng)
                 chosen, rejected = self._completion(good.text), self._completion(bad.text)
@@ -322,9 +326,11 @@ class ArithmeticTask:
         """`prompt`, `answer`: for online RL and evaluation."""
         return self._rows("prompt_only", self.problems(n))
 
-    def prompt_completion(self, n: int) -> datasets.Dataset:
-        """`prompt`, `completion` (the correct worked solution), `answer`: for SFT and distillation."""
-        return self._rows("prompt_completion", self.problems(n))
+    def prompt_completion(self, n: int, answer_only: float = 0.0) -> datasets.Dataset:
+        """`prompt`, `completion` (the correct worked solution), `answer`: for SFT and distillation.
+        `answer_only`: the share of rows (seeded) whose completion is only the `<answer>` step, no worked
+        columns: a demonstrator that often skips its reasoning, as much real data does."""
+        return self._rows("prompt_completion", self.problems(n), answer_only=answer_only)
 
     def preference(self, n: int, implicit_prompt: bool = False) -> datasets.Dataset:
         """`prompt`, `chosen` (correct), `rejected` (one wrong step that propagates, or a wrong final

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from ..online.engine_hf import HFEngine
 from ..online.engines import RolloutEngine, SamplingParams, default_stop_token_ids
 from .arithmetic import accuracy_reward
 
-__all__ = ["exact_match", "greedy_completions"]
+__all__ = ["ExactMatchCallback", "exact_match", "greedy_completions"]
 
 
 def _as_prompt(prompt: Any, conversational: bool) -> Any:
@@ -81,3 +81,35 @@ def exact_match(
     if return_samples:
         return accuracy, [(p, c, s == 1.0) for p, c, s in zip(prompts, completions, scores)]
     return accuracy
+
+
+class ExactMatchCallback(TrainerCallback):
+    """Measures held-out exact match every `every_steps` optimizer steps (and at the last step) during
+    training and records it in the trainer's log history under `key` (so `trainer_state.json`, the
+    quickstart's plots and `posttrain report` show the accuracy curve next to the loss or reward).
+
+    It decodes greedily on the model being trained (unwrapped), in the main process only."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, dataset: Any, every_steps: int,
+                 key: str = "heldout_exact_match", max_new_tokens: int = 64, batch_size: int = 100):
+        if every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1, got {every_steps}")
+        self.tokenizer, self.dataset, self.every_steps, self.key = tokenizer, dataset, every_steps, key
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def _measure(self, state: Any, model: Any) -> None:
+        from ..ops.wrappers import unwrap_model
+
+        if not state.is_world_process_zero or any(e.get("step") == state.global_step and self.key in e
+                                                   for e in state.log_history):
+            return
+        value = exact_match(unwrap_model(model, strip_peft=False), self.tokenizer, self.dataset,
+                            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        state.log_history.append({self.key: value, "step": state.global_step})
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._measure(state, model)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps:
+            self._measure(state, model)

@@ -495,7 +495,7 @@ class OnlineTrainer(PostTrainer):
         adv = advantages if advantages.dim() == 1 else advantages.sum(1)
         rows = completions_table_rows(scored.prompts, scored.rollout.texts, per_func, adv.tolist(),
                                       args.num_completions_to_print)
-        log_completions(rows, step, args.report_to)
+        log_completions(rows, step, args.report_to, callbacks=self.callback_handler.callbacks)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds TRL's ``num_tokens``: prompt and completion tokens generated for training so far, over every
