@@ -236,7 +236,7 @@ class OnlineTrainer(PostTrainer):
     def get_train_dataloader(self) -> RolloutLoader:
         args = self.args
         self._prompts = PromptStream(self.train_dataset, args.prompts_per_generation, args.world_size,
-                                     args.process_index, seed=args.seed)
+                                     args.process_index, seed=args.seed, shuffle=getattr(args, "shuffle_dataset", True))
         self._loader = RolloutLoader(self._next_generation, self._prompts.chunks_per_epoch, args.steps_per_generation,
                                      args.num_iterations, self._split_rng, start_micro_step=self._resumed_micro_step)
         if self._resume_state is not None:
@@ -448,6 +448,8 @@ class OnlineTrainer(PostTrainer):
         adv = advantages if advantages.dim() == 1 else advantages.sum(1)
         rows = completions_table_rows(scored.prompts, scored.rollout.texts, per_func, adv.tolist(),
                                       args.num_completions_to_print)
+        if getattr(args, "log_unique_prompts", False):  # each prompt once (its first completion)
+            rows = list({json.dumps(r["prompt"], default=str): r for r in reversed(rows)}.values())[::-1]
         log_completions(rows, step, args.report_to)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -517,6 +519,7 @@ class OnlineTrainer(PostTrainer):
         mode = "train" if self.model.training else "eval"
         if mode == "train":
             self.counts["trained_tokens"] += float(mask.sum())
+        inputs.policy_entropy = out.entropy  # for methods whose loss uses token entropies (GRPO's controls)
         loss, metrics = self.policy_loss(out.logps, inputs, mask)
         metrics["entropy"] = masked_mean(out.entropy.detach(), mask)
         self.store_metrics(metrics, mode)
