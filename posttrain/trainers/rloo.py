@@ -40,9 +40,9 @@ class RLOOConfig(OnlineTRLFields, OnlineConfig):
         "Subtract beta * sequence KL from the reward (the RLOO paper); False: a k3 KL term in the loss.")})
     normalize_advantages: bool = field(default=False, metadata={"help": (
         "Whiten the advantages over the generation batch (mean 0, std 1).")})
-    reward_clip_range: tuple[float, float] | list[float] | None = field(default=None, metadata={
-        "help": "Clip each reward into [low, high] before the KL and the baseline (None: no clipping).",
-        "nargs": 2})
+    reward_clip_range: list[float] | None = field(default=None, metadata={
+        "help": "Clip each reward into [low, high] (two numbers; a (low, high) tuple in Python) before the KL and "
+                "the baseline (None: no clipping)."})
 
     def __post_init__(self) -> None:
         self._resolve_online_trl_fields()
