@@ -178,8 +178,8 @@ def test_every_loss_type_is_reachable_from_the_config(loss_type):
     trainer.current_gradient_accumulation_steps = 1
     got, metrics = trainer.policy_loss(logps, batch, mask)
     want, _ = grpo_loss(logps, adv, mask, old_logps=old, ref_logps=ref, loss_type=loss_type, beta=0.1, epsilon=0.1,
-                        epsilon_high=0.3, delta=1.5, max_completion_length=6,
-                        num_items_in_batch=11.0 if loss_type == "dapo" else None)
+                        epsilon_high=0.3, delta=1.5, max_completion_length=6, use_bias_correction_kl=True,
+                        num_items_in_batch=11.0 if loss_type == "dapo" else None)  # TRL 1.16's KL default
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     assert metrics["clip_ratio/region_mean"] > 0 and metrics["kl"] > 0
 

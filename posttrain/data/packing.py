@@ -131,3 +131,58 @@ def pack_rows(rows: Sequence[dict[str, Any]], max_length: int, columns: Sequence
     data = {c: [row[c] for row in rows] for c in columns}
     out = _packed_columns(data, [len(ids) for ids in data["input_ids"]], columns, max_length)
     return [dict(zip(out, values)) for values in zip(*out.values())]
+
+
+def _per_token_columns(dataset: datasets.Dataset) -> list[str]:
+    first = dataset[0] if len(dataset) else {}
+    return ["input_ids"] + [c for c, v in first.items() if c not in ("input_ids", "position_ids", "seq_lens")
+                            and isinstance(v, list) and len(v) == len(first["input_ids"])]
+
+
+def split_long_rows(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Rows longer than `max_length` cut into consecutive pieces of at most `max_length` tokens, each its own row
+    (TRL's ``packing_strategy="bfd_split"`` packs these pieces instead of truncating the overflow)."""
+    columns = _per_token_columns(dataset)
+    table = dataset.with_format("arrow")
+    data = {c: table[c].to_pylist() for c in columns}
+    out: dict[str, list] = {c: [] for c in columns}
+    for i, ids in enumerate(data["input_ids"]):
+        for start in range(0, max(len(ids), 1), max_length):
+            for c in columns:
+                out[c].append(data[c][i][start:start + max_length])
+    return datasets.Dataset.from_dict(out)
+
+
+def pack_wrapped(dataset: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Every row concatenated in order and the stream cut into rows of exactly `max_length` tokens (the last one
+    shorter), sequences split across rows where the cut falls (TRL's ``packing_strategy="wrapped"``). Each row keeps
+    per-sequence `position_ids` and `seq_lens`: the part of a sequence that starts a row restarts at position 0."""
+    columns = _per_token_columns(dataset)
+    table = dataset.with_format("arrow")
+    data = {c: table[c].to_pylist() for c in columns}
+    out: dict[str, list] = {c: [] for c in columns}
+    out["position_ids"], out["seq_lens"] = [], []
+    current: dict[str, list] = {c: [] for c in columns}
+    lens: list[int] = []
+
+    def flush() -> None:
+        for c in columns:
+            out[c].append(current[c][:])
+            current[c].clear()
+        out["position_ids"].append(packed_position_ids(lens))
+        out["seq_lens"].append(lens[:])
+        lens.clear()
+
+    for i in range(len(data["input_ids"])):
+        start, n = 0, len(data["input_ids"][i])
+        while start < n:
+            take = min(n - start, max_length - len(current["input_ids"]))
+            for c in columns:
+                current[c].extend(data[c][i][start:start + take])
+            lens.append(take)
+            start += take
+            if len(current["input_ids"]) == max_length:
+                flush()
+    if current["input_ids"]:
+        flush()
+    return datasets.Dataset.from_dict(out)

@@ -30,6 +30,7 @@ def cpo_loss(
     simpo_gamma: float = 0.5,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    alpha: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CPO / SimPO loss per pair from summed policy log-probs ``[B]`` (no reference model).
 
@@ -41,6 +42,10 @@ def cpo_loss(
     - ``ipo``: ``(h - 1/(2 beta))^2``
     - ``simpo``: ``-(1-eps) log sigma(beta h - gamma) - eps log sigma(-(beta h - gamma))``
 
+    ``alpha != 0`` first reshapes each score with AlphaPO's reward (Gupta et al. 2025, "AlphaPO: Reward Shape
+    Matters for LLM Alignment", arXiv:2501.03884): ``s <- (1 - exp(-alpha s)) / alpha`` (that is
+    ``(1 - p^-alpha) / alpha`` for ``s = log p``; ``alpha -> 0`` recovers ``s``).
+
     Rewards reported are ``beta * s_w`` and ``beta * s_l``. Returns ``(losses [B], metrics)``.
     """
     if loss_type not in CPO_LOSS_TYPES:
@@ -50,6 +55,9 @@ def cpo_loss(
             raise ValueError(f"CPO loss_type {loss_type!r} averages log-probs per token: pass the lengths")
         chosen_logps = chosen_logps / chosen_lengths.clamp(min=1)
         rejected_logps = rejected_logps / rejected_lengths.clamp(min=1)
+    if alpha != 0.0:
+        chosen_logps = (1 - torch.exp(-alpha * chosen_logps)) / alpha
+        rejected_logps = (1 - torch.exp(-alpha * rejected_logps)) / alpha
     h = chosen_logps - rejected_logps
     eps = label_smoothing
     if loss_type == "sigmoid":

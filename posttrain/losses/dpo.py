@@ -27,6 +27,37 @@ DPO_LOSS_TYPES: tuple[str, ...] = (
 )
 
 
+F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+#: loss types whose logit is a difference of log-ratios, so an f-divergence can replace them (f-DPO)
+F_DIVERGENCE_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def f_divergence_scores(log_ratio: Tensor, kind: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
+    """f-DPO (Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+    Divergence Constraints", arXiv:2309.16240): the score ``f'(u)`` of a log-ratio ``t = log u = log pi/pi_ref``
+    that replaces ``t`` in the DPO logit ``h = f'(u_w) - f'(u_l)``:
+
+    - ``reverse_kl`` (DPO): ``t``
+    - ``forward_kl``: ``f'(u) = 1 - 1/u = 1 - exp(-t)``
+    - ``js_divergence``: ``f'(u) = log(2u / (1 + u)) = log 2 + log sigma(t)``
+    - ``alpha_divergence``: ``f'(u) = (u^(a-1) - 1) / (a - 1) = (exp((a-1) t) - 1) / (a - 1)`` (``t`` at ``a = 1``;
+      the exponent is clamped at 80 in float32, 11 in float16).
+    """
+    if kind == "reverse_kl":
+        return log_ratio
+    if kind == "forward_kl":
+        return 1.0 - torch.exp(-log_ratio)
+    if kind == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(log_ratio)
+    if kind == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:
+            return log_ratio
+        limit = 11.0 if log_ratio.dtype == torch.float16 else 80.0
+        z = ((alpha - 1.0) * log_ratio).float().clamp(max=limit)
+        return ((torch.exp(z) - 1.0) / (alpha - 1.0)).to(log_ratio.dtype)
+    raise ValueError(f"f_divergence_type={kind!r}: expected one of {', '.join(F_DIVERGENCES)}")
+
+
 def _sigmoid_smoothed(x: Tensor, eps: float) -> Tensor:
     """``-(1 - eps) log sigma(x) - eps log sigma(-x)``: the (conservative) logistic loss."""
     return -(1.0 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
@@ -136,8 +167,14 @@ def dpo_loss(
     rejected_lengths: Tensor | None = None,
     bco_delta: float | Tensor = 0.0,
     discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DPO loss per pair, for one loss type or a weighted mix of several (MPO).
+
+    ``f_divergence_type`` other than ``reverse_kl`` replaces each log-ratio by its f-divergence score
+    (:func:`f_divergence_scores`, f-DPO) in the loss types of ``F_DIVERGENCE_LOSS_TYPES`` (``sft``, which has
+    no log-ratio, is unchanged); the reported rewards stay ``beta *`` the log-ratios.
 
     ``loss = sum_k w_k * L_k(c, r)`` with ``L_k`` from :func:`dpo_single_loss`, ``w_k`` from ``loss_weights``
     (default 1 each). Arguments are per-sequence *summed* log-probs ``[B]``; for ``ipo`` (and ``sft``)
@@ -158,6 +195,9 @@ def dpo_loss(
             raise ValueError("reference log-probs are required unless reference_free=True")
         ref_chosen_logps, ref_rejected_logps = zeros, zeros
 
+    if f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSS_TYPES):
+        raise ValueError(f"f_divergence_type={f_divergence_type!r} applies to the loss types "
+                         f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; got {types}")
     losses = zeros
     metrics: dict[str, Tensor] = {}
     for name, w in zip(types, weights):
@@ -165,6 +205,10 @@ def dpo_loss(
         if name == "ipo" and chosen_lengths is not None and rejected_lengths is not None:
             lc, lr = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
             pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
+        if f_divergence_type != "reverse_kl" and name != "sft":
+            pc = f_divergence_scores(pc - rc, f_divergence_type, f_alpha_divergence_coef)
+            pr = f_divergence_scores(pr - rr, f_divergence_type, f_alpha_divergence_coef)
+            rc = rr = zeros
         single = dpo_single_loss(
             name, pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing, bco_delta=bco_delta,
             discopop_tau=discopop_tau, chosen_lengths=chosen_lengths,

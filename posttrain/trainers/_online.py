@@ -252,7 +252,7 @@ class OnlineTrainer(PostTrainer):
         if isinstance(self.train_dataset, TokenizedStream):
             return StreamPrompts(self.train_dataset, args.prompts_per_generation, args.world_size, args.process_index)
         return PromptStream(self.train_dataset, args.prompts_per_generation, args.world_size, args.process_index,
-                            seed=args.seed)
+                            seed=args.seed, shuffle=getattr(args, "shuffle_dataset", True))
 
     def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
         if self.args.max_completion_length is None:
@@ -495,6 +495,8 @@ class OnlineTrainer(PostTrainer):
         adv = advantages if advantages.dim() == 1 else advantages.sum(1)
         rows = completions_table_rows(scored.prompts, scored.rollout.texts, per_func, adv.tolist(),
                                       args.num_completions_to_print)
+        if getattr(args, "log_unique_prompts", False):  # each prompt once (its first completion)
+            rows = list({json.dumps(r["prompt"], default=str): r for r in reversed(rows)}.values())[::-1]
         log_completions(rows, step, args.report_to, callbacks=self.callback_handler.callbacks)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -564,6 +566,7 @@ class OnlineTrainer(PostTrainer):
         mode = "train" if self.model.training else "eval"
         if mode == "train":
             self.counts["trained_tokens"] += float(mask.sum())
+        inputs.policy_entropy = out.entropy  # for methods whose loss uses token entropies (GRPO's controls)
         loss, metrics = self.policy_loss(out.logps, inputs, mask)
         metrics["entropy"] = masked_mean(out.entropy.detach(), mask)
         self.store_metrics(metrics, mode)

@@ -15,12 +15,15 @@ from typing import Any, ClassVar, Sequence
 
 import datasets
 import torch
+from transformers import TrainingArguments
 
 from ..data.streaming import is_stream
 from ..data import DatasetKind, FormatInfo, split_implicit_prompt, validate_dataset
-from ..models import load_model
+from ..models import is_peft_model, load_model
 from ..ops.attention import use_varlen_attention
 from ..ops.forward import prediction_mask
+from ._compat import (CallbacksArg, CollatorArg, DatasetArg, EvalDatasetArg, LogitsFn, MetricsFn, ModelArg, ModelInitArg,
+                      OptimizerClsArg, OptimizersArg, PeftConfigArg, ProcessingClassArg, QuantizationArg)
 from ._loss_items import LossItemsMixin
 from ..losses.dpo import chosen_nll
 from ._preference import SequenceCollator, SequenceLogps, sequence_logps, tokenize_completions
@@ -28,6 +31,8 @@ from ._reference import (
     check_distinct_reference, dataset_content_hash, model_fingerprint, precompute_columns, reference_context,
     resolve_reference,
 )
+from ._reference import SyncRefModelCallback
+from ._trl_fields import PAD_TO_MULTIPLE_HELP, resolve_pad_to_multiple_of
 from .base import PostTrainConfig, PostTrainer
 
 logger = logging.getLogger(__name__)
@@ -47,11 +52,32 @@ class PreferenceConfig(PostTrainConfig):
         default=True,
         metadata={"help": "Pack all sequences of a batch (chosen and rejected) into as few rows as possible, "
                   "with per-sequence position ids: no compute on padding, no attention across sequences."})
-    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "Round row lengths up to a multiple."})
+    pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": PAD_TO_MULTIPLE_HELP})
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "Keep only the first N tokens of each completion (None: no limit besides "
+                                "max_length)."})
+    truncation_mode: str = field(
+        default="keep_start", metadata={"help": "When prompt + completion exceed max_length: 'keep_start' cuts the "
+                                        "completion's end (the prompt keeps its last tokens only if it alone is too "
+                                        "long); 'keep_end' (deprecated in TRL) cuts the prompt's start first."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability of the policy "
+                                                          "(and a reference model) to 0."})
+    padding_value: int | None = field(default=None, metadata={"help": "Token id to pad rows with (default: the "
+                                                              "tokenizer's pad token)."})
+    generate_during_eval: bool = field(default=False, metadata={"help": (
+        "Sample completions at evaluation and log them (TRL, to W&B/Comet). Not supported here: warned when set.")})
+    is_encoder_decoder: bool | None = field(default=None, metadata={"help": (
+        "Whether the model is an encoder-decoder (None: from the model). posttrain trains decoder-only models; "
+        "True is an error.")})
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"truncation_mode={self.truncation_mode!r}: expected 'keep_start' or 'keep_end'")
+        if self.is_encoder_decoder:
+            raise ValueError("is_encoder_decoder=True: posttrain's preference trainers train decoder-only models")
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of)
         super().__post_init__()
 
 
@@ -68,6 +94,16 @@ class ReferenceConfig(PreferenceConfig):
     ref_logps_cache_dir: str | None = field(
         default=None, metadata={"help": "Where precomputed reference log-probs are cached "
                                 "(default: $HF_DATASETS_CACHE/posttrain_ref_logps)."})
+    sync_ref_model: bool = field(
+        default=False, metadata={"help": "TR-DPO: move the reference toward the policy during training."})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mixing weight of the policy."})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: update the reference every N steps."})
+
+    def __post_init__(self) -> None:
+        if self.sync_ref_model and self.precompute_ref_log_probs:
+            raise ValueError("sync_ref_model needs a live reference model; it cannot be combined with "
+                             "precompute_ref_log_probs")
+        super().__post_init__()
 
 
 class PreferenceTrainerBase(LossItemsMixin, PostTrainer):
@@ -135,12 +171,41 @@ class PreferenceTrainerBase(LossItemsMixin, PostTrainer):
 
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         prompt_ids, (chosen, rejected), truncated = tokenize_completions(
-            self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]], max_length=self.args.max_length,
-            max_prompt_length=self.args.max_prompt_length, tools=row.get("tools"))
+            self.tokenizer, row["prompt"], [row["chosen"], row["rejected"]], **self.truncation_kwargs(),
+            tools=row.get("tools"))
         return {"prompt_ids": prompt_ids, "chosen_ids": chosen, "rejected_ids": rejected, "truncated": truncated}
 
+    def truncation_kwargs(self) -> dict[str, Any]:
+        args = self.args
+        return {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
+                "max_completion_length": args.max_completion_length, "truncation_mode": args.truncation_mode}
+
+    @property
+    def pad_id(self) -> int:
+        value = getattr(self.args, "padding_value", None)
+        return self.tokenizer.pad_token_id if value is None else value
+
+    inapplicable_fields: ClassVar[dict[str, str]] = {
+        **PostTrainer.inapplicable_fields,
+        "generate_during_eval": "evaluation logs the loss and the method's metrics; it does not sample completions",
+    }
+
+    def setup_sync_ref_model(self) -> None:
+        """TR-DPO's reference sync (``sync_ref_model``), for the methods with a reference (DPO, KTO, BCO)."""
+        args = self.args
+        if not getattr(args, "sync_ref_model", False):
+            return
+        if self.ref_model is None:
+            raise ValueError("sync_ref_model needs a separate reference model; with a PEFT model the "
+                             "reference is the frozen base and cannot be synced")
+        if is_peft_model(self.model):  # the soft update matches parameters by name
+            raise ValueError("sync_ref_model with a PEFT policy and a ref_model is not supported: the "
+                             "policy's weights are a base plus adapters, named unlike the reference's, so "
+                             "nothing would be mixed in. Train without PEFT, or drop sync_ref_model")
+        self.add_callback(SyncRefModelCallback(self.ref_model, args.ref_model_mixup_alpha, args.ref_model_sync_steps))
+
     def make_collator(self) -> SequenceCollator:
-        return SequenceCollator(self.tokenizer.pad_token_id, self.seq_fields, padding_free=self.args.padding_free,
+        return SequenceCollator(self.pad_id, self.seq_fields, padding_free=self.args.padding_free,
                                 passthrough=self.ref_columns + ("label", "udm_weight"),
                                 pad_to_multiple_of=self.args.pad_to_multiple_of)
 
@@ -275,8 +340,28 @@ class PreferenceTrainerBase(LossItemsMixin, PostTrainer):
 
 
 class ReferenceFreeTrainerBase(PreferenceTrainerBase):
-    """Pairwise methods without a reference model (CPO, ORPO), with TRL's ``(model, args, ...)`` argument order;
-    a ``ref_model`` keyword is accepted and ignored with a warning."""
+    """Pairwise methods without a reference model (CPO, ORPO), with TRL's constructor: ``(model, args,
+    data_collator, train_dataset, eval_dataset, processing_class, model_init, callbacks, optimizers,
+    preprocess_logits_for_metrics, peft_config, compute_metrics)``."""
 
-    def __init__(self, model: Any, args: PreferenceConfig | None = None, **kwargs: Any) -> None:
-        super().__init__(model, kwargs.pop("ref_model", None), args=args, **kwargs)
+    def __init__(
+        self,
+        model: ModelArg = None,
+        args: PreferenceConfig | TrainingArguments | None = None,
+        data_collator: CollatorArg = None,
+        train_dataset: DatasetArg = None,
+        eval_dataset: EvalDatasetArg = None,
+        processing_class: ProcessingClassArg = None,
+        model_init: ModelInitArg = None,
+        callbacks: CallbacksArg = None,
+        optimizers: OptimizersArg = (None, None),
+        preprocess_logits_for_metrics: LogitsFn = None,
+        peft_config: PeftConfigArg = None,
+        compute_metrics: MetricsFn = None,
+    ) -> None:
+        super(
+            ).__init__(model, None, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
+            callbacks=callbacks, optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config,
+            compute_metrics=compute_metrics)

@@ -31,6 +31,8 @@ def tokenize_completions(
     *,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    max_completion_length: int | None = None,
+    truncation_mode: str = "keep_start",
     tools: list[dict] | None = None,
 ) -> tuple[list[int], list[list[int]], bool]:
     """Tokenize ``prompt`` with each completion (plain or conversational); returns ``(prompt_ids,
@@ -39,6 +41,8 @@ def tokenize_completions(
     The prompt keeps its last ``max_prompt_length`` tokens (the end is what the completion continues);
     then each completion is cut so that prompt + completion fits ``max_length``. A prompt that alone exceeds
     ``max_length`` keeps its last ``max_length // 2`` tokens so every completion keeps some tokens.
+    Each completion first keeps at most ``max_completion_length`` tokens. ``truncation_mode="keep_end"`` cuts
+    the prompt's start instead (it keeps at least one token) until the longest completion fits.
     """
     prompt_ids: list[int] | None = None
     outs: list[list[int]] = []
@@ -50,6 +54,14 @@ def tokenize_completions(
     truncated = False
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
         prompt_ids, truncated = prompt_ids[len(prompt_ids) - max_prompt_length:], True
+    if max_completion_length is not None:
+        for i, ids in enumerate(outs):
+            if len(ids) > max_completion_length:
+                outs[i], truncated = ids[:max_completion_length], True
+    if max_length is not None and truncation_mode == "keep_end" and outs:
+        keep = max(1, max_length - max(len(ids) for ids in outs))
+        if len(prompt_ids) > keep:
+            prompt_ids, truncated = prompt_ids[len(prompt_ids) - keep:], True
     if max_length is not None:
         if len(prompt_ids) >= max_length:
             keep = max(1, max_length // 2)

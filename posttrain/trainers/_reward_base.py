@@ -83,6 +83,5 @@ class RewardHeadTrainer(LossItemsMixin, PostTrainer):
     def load_model(self, model: Any, args: PostTrainConfig) -> torch.nn.Module:
         """A name or path loads with the head; a model object is checked or given one (see `as_classifier`)."""
         if isinstance(model, str):
-            kwargs = dict(args.model_init_kwargs or {})
-            model = load_model(model, task=self.model_task, num_labels=self.num_labels, **kwargs)
+            model = load_model(model, task=self.model_task, num_labels=self.num_labels, **self.model_load_kwargs(args))
         return as_classifier(model, self.model_task, self.num_labels)

@@ -58,8 +58,7 @@ class UnpairedTrainerBase(PreferenceTrainerBase):
 
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         prompt_ids, (completion,), truncated = tokenize_completions(
-            self.tokenizer, row["prompt"], [row["completion"]], max_length=self.args.max_length,
-            max_prompt_length=self.args.max_prompt_length, tools=row.get("tools"))
+            self.tokenizer, row["prompt"], [row["completion"]], **self.truncation_kwargs(), tools=row.get("tools"))
         return {"prompt_ids": prompt_ids, "completion_ids": completion, "label": bool(row["label"]),
                 "truncated": truncated}
 
@@ -82,7 +81,7 @@ class UnpairedTrainerBase(PreferenceTrainerBase):
 
     def make_collator(self) -> SequenceCollator:
         cls = KLCollator if self.needs_kl else SequenceCollator
-        return cls(self.tokenizer.pad_token_id, self.seq_fields, padding_free=self.args.padding_free,
+        return cls(self.pad_id, self.seq_fields, padding_free=self.args.padding_free,
                    passthrough=self.ref_columns + ("label", "udm_weight"),
                    pad_to_multiple_of=self.args.pad_to_multiple_of)
 

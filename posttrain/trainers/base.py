@@ -11,12 +11,14 @@ pipeline, averaged per-method metrics logged through `report_to`, and per-exampl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar, Sequence
 
 import datasets
@@ -31,6 +33,9 @@ from ..ops.attention import use_varlen_attention
 from ..ops.fast_paths import cpu_bf16_is_fast, cpu_fast_paths
 from ..ops.memory import tune_cpu_allocator
 from ._args import as_method_config, seed_run
+from ._compat import (activation_offloading_context, apply_token_fields, disable_dropout_in_model, model_from_init,
+                      quantized_model_kwargs, read_chat_template_path, warn_inapplicable)
+from ._trl_fields import TRLSharedFields
 from .callbacks import LossPlotCallback, ReleaseBuffersCallback, RichProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -59,7 +64,7 @@ def _bf16_default(use_cpu: bool) -> bool:
 
 
 @dataclass
-class PostTrainConfig(TrainingArguments):
+class PostTrainConfig(TRLSharedFields, TrainingArguments):
     """Fields shared by every posttrain method, on top of `transformers.TrainingArguments`.
 
     Defaults differ from TrainingArguments where post-training wants otherwise: logging every 10 steps,
@@ -117,6 +122,8 @@ class PostTrainConfig(TrainingArguments):
                 self.model_init_kwargs = json.loads(self.model_init_kwargs)
             except json.JSONDecodeError as err:
                 raise ValueError(f"model_init_kwargs must be a JSON object, got {self.model_init_kwargs!r}: {err}")
+        if self.chat_template is not None and self.chat_template_path is not None:
+            raise ValueError("set chat_template or chat_template_path, not both")
         if self.output_dir is None:
             self.output_dir = f"runs/{type(self).__name__.removesuffix('Config').lower() or 'posttrain'}"
         if not self.use_cpu and _cpu_only_multiprocess_launch():
@@ -147,7 +154,7 @@ class PostTrainer(Trainer):
 
     def __init__(
         self,
-        model: str | PreTrainedModel | torch.nn.Module,
+        model: str | PreTrainedModel | torch.nn.Module | None = None,
         args: PostTrainConfig | TrainingArguments | None = None,
         data_collator: Any = None,
         train_dataset: Any = None,
@@ -156,17 +163,41 @@ class PostTrainer(Trainer):
         peft_config: Any = None,
         callbacks: list | None = None,
         optimizers: tuple = (None, None),
+        *,
+        model_init: Callable[[], Any] | None = None,
+        compute_loss_func: Callable[..., torch.Tensor] | None = None,
+        compute_metrics: Callable[[Any], dict] | None = None,
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        quantization_config: Any = None,
         **kwargs: Any,
     ) -> None:
+        model = model_from_init(model, model_init)
+        if model is None:
+            raise ValueError(f"{type(self).__name__} needs a model (a model object, a name or path, or tiny:<spec>)")
+        kwargs.update(compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                      optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)
+        self._quantization_kwargs = quantized_model_kwargs(quantization_config, model)
+        self._set_compute_loss_func(compute_loss_func)
         args = self.resolve_args(args)
         self._check_eval_metrics_supported(kwargs)
         seed_run(args)  # before the model, its adapters or its heads are built (TRL order)
         self.model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         model = self.load_model(model, args)
+        if getattr(args, "disable_dropout", False):
+            disable_dropout_in_model(model)
         if processing_class is None:
-            processing_class = load_tokenizer(self.model_id or model.name_or_path)
+            tok_kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
+            processing_class = load_tokenizer(self.model_id or model.name_or_path, **tok_kwargs)
         # A copy where the pad token or the chat template must change: the caller's object is never modified.
-        processing_class, self.tokenizer = trainer_tokenizer(processing_class, args.chat_template)
+        template = args.chat_template if args.chat_template_path is None else read_chat_template_path(
+            args.chat_template_path)
+        if args.pad_token is not None or args.eos_token is not None:
+            import copy
+            processing_class = copy.deepcopy(processing_class)
+            apply_token_fields(getattr(processing_class, "tokenizer", processing_class), args.pad_token, args.eos_token)
+        processing_class, self.tokenizer = trainer_tokenizer(processing_class, template)
+        self._warn_inapplicable_fields(args, model)
         if args.padding_free or getattr(args, "packing", False):
             # Padding-free rows on SDPA/eager: per-sequence attention instead of a dense [T, T] block mask.
             use_varlen_attention(model)
@@ -220,8 +251,44 @@ class PostTrainer(Trainer):
             if args.model_init_kwargs:
                 logger.warning("model_init_kwargs are ignored because the model is already loaded")
             return model
+        return load_model(model, task=self.model_task, **self.model_load_kwargs(args))
+
+    def model_load_kwargs(self, args: PostTrainConfig) -> dict[str, Any]:
+        """`model_init_kwargs` plus `trust_remote_code` and the constructor's `quantization_config`."""
         kwargs = dict(args.model_init_kwargs or {})
-        return load_model(model, task=self.model_task, **kwargs)
+        if args.trust_remote_code:
+            kwargs.setdefault("trust_remote_code", True)
+        kwargs.update(getattr(self, "_quantization_kwargs", {}))
+        return kwargs
+
+    #: Config fields this trainer accepts for TRL compatibility that do nothing here, with the reason; the ones
+    #: set to a non-default value are warned about once, at construction. Subclasses extend it.
+    inapplicable_fields: ClassVar[dict[str, str]] = {
+        "router_aux_loss_coef": "the mixture-of-experts router loss is not added (log-probs come from hidden "
+                                "states; router logits are not computed)",
+    }
+
+    def _warn_inapplicable_fields(self, args: PostTrainConfig, model: torch.nn.Module) -> None:
+        reasons = dict(self.inapplicable_fields)
+        if args.activation_offloading and str(args.device).startswith("cpu"):
+            reasons["activation_offloading"] = "training runs on the CPU, where activations already are"
+        warn_inapplicable(args, reasons, type(self).__name__)
+
+    def _set_compute_loss_func(self, func: Callable[..., torch.Tensor] | None) -> None:
+        """TRL's ``compute_loss_func(outputs, labels, num_items_in_batch)``: only trainers whose loss is a
+        per-token one on the model's outputs (SFT) can use it; the others refuse it rather than ignore it."""
+        if func is not None and not getattr(self, "accepts_compute_loss_func", False):
+            raise ValueError(f"{type(self).__name__} does not take compute_loss_func: its loss is the method's "
+                             "own (see its loss_type); SFTTrainer takes one")
+        self._user_loss_func = func
+
+    def compute_loss_context_manager(self):
+        """The Trainer's context (autocast), plus activation offloading where asked for."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().compute_loss_context_manager())
+        stack.enter_context(activation_offloading_context(bool(getattr(self.args, "activation_offloading", False)),
+                                                          self.args.device))
+        return stack
 
     def prepare_peft_config(self, model: torch.nn.Module, args: PostTrainConfig, peft_config: Any) -> Any:
         """Hook run on the loaded model just before PEFT wraps it; returns the PEFT config to apply (None: no

@@ -15,9 +15,13 @@ from typing import Any, ClassVar
 
 import datasets
 import torch
+from transformers import TrainingArguments
 
 from ..data.streaming import is_stream
 from ..losses.bco import RunningMean, bco_loss
+from ._compat import (CallbacksArg, CollatorArg, DatasetArg, EvalDatasetArg, LogitsFn, MetricsFn, ModelArg, ModelInitArg,
+                      OptimizerClsArg, OptimizersArg, PeftConfigArg, ProcessingClassArg, QuantizationArg)
+from ._compat import model_from_init
 from ._udm import EmbeddingFunc, mean_token_embedder, udm_weights
 from ._unpaired import UnpairedConfig, UnpairedTrainerBase, unpaired_summary
 from .registry import register_method
@@ -31,6 +35,7 @@ RUNNING_NAME = "bco_running.json"
 class BCOConfig(UnpairedConfig):
     """Configuration of `BCOTrainer` (field names follow TRL's BCOConfig)."""
 
+    learning_rate: float = field(default=5e-7, metadata={"help": "Peak learning rate of AdamW (TRL's default)."})
     use_udm: bool = field(default=False, metadata={"help": "Re-weight undesirable examples by the prompt density "
                                                    "ratio (UDM); on by default when an embedding_func is given."})
     prompt_sample_size: int = field(default=1024, metadata={"help": "Prompts per class to fit the UDM classifier."})
@@ -45,9 +50,38 @@ class BCOTrainer(UnpairedTrainerBase):
     config_class: ClassVar = BCOConfig
     _tag_names: ClassVar = ["posttrain", "bco"]
 
-    def __init__(self, model: Any, ref_model: Any = None, args: BCOConfig | None = None,
-                 embedding_func: EmbeddingFunc | None = None, **kwargs: Any) -> None:
-        super().__init__(model, ref_model, args=args or BCOConfig(), **kwargs)
+    def __init__(
+        self,
+        model: ModelArg = None,
+        ref_model: ModelArg | None = None,
+        args: BCOConfig | TrainingArguments | None = None,
+        train_dataset: DatasetArg = None,
+        eval_dataset: EvalDatasetArg = None,
+        processing_class: ProcessingClassArg = None,
+        data_collator: CollatorArg = None,
+        model_init: ModelInitArg = None,
+        callbacks: CallbacksArg = None,
+        optimizers: OptimizersArg = (None, None),
+        preprocess_logits_for_metrics: LogitsFn = None,
+        peft_config: PeftConfigArg = None,
+        compute_metrics: MetricsFn = None,
+        model_adapter_name: str | None = None,
+        ref_adapter_name: str | None = None,
+        embedding_func: EmbeddingFunc | None = None,
+        embedding_tokenizer: ProcessingClassArg = None,
+    ) -> None:
+        if model_adapter_name is not None or ref_adapter_name is not None:
+            raise ValueError("model_adapter_name / ref_adapter_name (a PEFT model with a second, reference adapter) "
+                             "are not supported: the reference of a PEFT policy is its base with adapters disabled")
+        model = model_from_init(model, model_init)
+        super(
+            ).__init__(model, ref_model, args=args or BCOConfig(), train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, data_collator=data_collator,
+            callbacks=callbacks, optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config,
+            compute_metrics=compute_metrics)
+        self.setup_sync_ref_model()
+        self.embedding_tokenizer = embedding_tokenizer  # what embedding_func tokenizes with (the caller's choice)
         self.running = RunningMean()
         if embedding_func is not None or self.args.use_udm:
             embed = embedding_func or mean_token_embedder(self.model, self.tokenizer)

@@ -25,6 +25,8 @@ class CPOConfig(PreferenceConfig):
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the sigmoid/simpo losses."})
     cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the NLL on chosen responses (0: pure SimPO)."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
+    alpha: float = field(default=0.0, metadata={"help": "AlphaPO reward shape: s <- (1 - exp(-alpha s)) / alpha on "
+                                                "each (length-averaged for simpo) log-prob; 0: the log-prob itself."})
 
     def __post_init__(self) -> None:
         if self.loss_type not in CPO_LOSS_TYPES:
@@ -45,7 +47,7 @@ class CPOTrainer(ReferenceFreeTrainerBase):
         losses, metrics = cpo_loss(
             out.logps[:n], out.logps[n:], beta=args.beta, loss_type=args.loss_type,
             label_smoothing=args.label_smoothing, simpo_gamma=args.simpo_gamma,
-            chosen_lengths=out.lengths[:n], rejected_lengths=out.lengths[n:],
+            chosen_lengths=out.lengths[:n], rejected_lengths=out.lengths[n:], alpha=args.alpha,
         )
         loss = self.row_mean(losses, num_items_in_batch)
         if args.cpo_alpha:

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from transformers import TrainingArguments
 
 from ..losses.bco import RunningMean
-from ..models import is_peft_model
-from ..losses.dpo import DPO_LOSS_TYPES, chosen_nll, dpo_loss, ld_pair_logps
+from ..losses.dpo import (DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, chosen_nll, dpo_loss,
+                          ld_pair_logps)
+from ._compat import (CallbacksArg, CollatorArg, DatasetArg, EvalDatasetArg, LogitsFn, MetricsFn, ModelArg, ModelInitArg,
+                      OptimizerClsArg, OptimizersArg, PeftConfigArg, ProcessingClassArg, QuantizationArg)
 from ._pref_base import PreferenceTrainerBase, ReferenceConfig
 from ._preference import SequenceLogps
-from ._reference import SyncRefModelCallback
 from .registry import register_method
 
 __all__ = ["DPOConfig", "DPOTrainer"]
@@ -42,10 +44,12 @@ class DPOConfig(ReferenceConfig):
         default=None, metadata={"help": "LD-DPO: weight of the log-probs of the tokens past the shorter "
                                 "response of each pair (1 = plain DPO)."})
     discopop_tau: float = field(default=0.05, metadata={"help": "Temperature of the discopop loss."})
-    sync_ref_model: bool = field(
-        default=False, metadata={"help": "TR-DPO: move the reference toward the policy during training."})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO mixing weight of the policy."})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: update the reference every N steps."})
+    f_divergence_type: str = field(default="reverse_kl", metadata={"help": (
+        f"f-DPO divergence: {', '.join(F_DIVERGENCES)} (reverse_kl is DPO).")})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "alpha of the alpha_divergence."})
+    use_weighting: bool = field(default=False, metadata={"help": (
+        "WPO weighting of pairs by the policy's length-normalized sequence probabilities. Not implemented in "
+        "posttrain yet: True is an error (rather than silently training unweighted).")})
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
@@ -55,9 +59,13 @@ class DPOConfig(ReferenceConfig):
                 raise ValueError(f"unknown loss_type {name!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"loss_weights has {len(self.loss_weights)} entries for loss_type {self.loss_type}")
-        if self.sync_ref_model and self.precompute_ref_log_probs:
-            raise ValueError("sync_ref_model needs a live reference model; it cannot be combined with "
-                             "precompute_ref_log_probs")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(f"f_divergence_type={self.f_divergence_type!r}: expected one of {', '.join(F_DIVERGENCES)}")
+        if self.f_divergence_type != "reverse_kl" and not set(self.loss_type) <= set(F_DIVERGENCE_LOSS_TYPES):
+            raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies to the loss types "
+                             f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; got {self.loss_type}")
+        if self.use_weighting:
+            raise NotImplementedError("use_weighting=True (WPO) is not implemented in posttrain yet; drop it")
         if self.sync_ref_model and self.reference_free:
             raise ValueError("sync_ref_model and reference_free exclude each other")
         super().__post_init__()
@@ -74,20 +82,29 @@ class DPOTrainer(PreferenceTrainerBase):
     uses_reference: ClassVar[bool] = True
     _tag_names: ClassVar = ["posttrain", "dpo"]
 
-    def __init__(self, model: Any, ref_model: Any = None, args: DPOConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: ModelArg,
+        ref_model: ModelArg | None = None,
+        args: DPOConfig | TrainingArguments | None = None,
+        data_collator: CollatorArg = None,
+        train_dataset: DatasetArg = None,
+        eval_dataset: EvalDatasetArg = None,
+        processing_class: ProcessingClassArg = None,
+        compute_metrics: MetricsFn = None,
+        callbacks: CallbacksArg = None,
+        optimizers: OptimizersArg = (None, None),
+        quantization_config: QuantizationArg = None,
+        peft_config: PeftConfigArg = None,
+    ) -> None:
         args = self.resolve_args(args)
-        super().__init__(model, ref_model, args=args, **kwargs)
+        super().__init__(
+            model, ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+            peft_config=peft_config)
         self.bco_running = RunningMean()
-        if args.sync_ref_model:
-            if self.ref_model is None:
-                raise ValueError("sync_ref_model needs a separate reference model; with a PEFT model the "
-                                 "reference is the frozen base and cannot be synced")
-            if is_peft_model(self.model):  # the soft update matches parameters by name
-                raise ValueError("sync_ref_model with a PEFT policy and a ref_model is not supported: the "
-                                 "policy's weights are a base plus adapters, named unlike the reference's, so "
-                                 "nothing would be mixed in. Train without PEFT, or drop sync_ref_model")
-            self.add_callback(SyncRefModelCallback(self.ref_model, args.ref_model_mixup_alpha,
-                                                   args.ref_model_sync_steps))
+        self.setup_sync_ref_model()
 
     def sequence_scores(self, out: SequenceLogps) -> torch.Tensor:
         """Summed log-probs, or with ``ld_alpha`` the LD-DPO ones (for the policy and the reference alike)."""
@@ -117,7 +134,8 @@ class DPOTrainer(PreferenceTrainerBase):
             chosen, rejected, ref_c, ref_r, beta=args.beta, loss_type=args.loss_type,
             loss_weights=args.loss_weights, label_smoothing=args.label_smoothing,
             reference_free=args.reference_free, chosen_lengths=out.lengths[:n], rejected_lengths=out.lengths[n:],
-            bco_delta=delta, discopop_tau=args.discopop_tau,
+            bco_delta=delta, discopop_tau=args.discopop_tau, f_divergence_type=args.f_divergence_type,
+            f_alpha_divergence_coef=args.f_alpha_divergence_coef,
         )
         loss = self.row_mean(losses, num_items_in_batch)
         if args.rpo_alpha is not None:

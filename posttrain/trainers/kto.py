@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from transformers import TrainingArguments
 
 from ..losses.kto import KTO_LOSS_TYPES, kto_loss
+from ._compat import (CallbacksArg, CollatorArg, DatasetArg, EvalDatasetArg, LogitsFn, MetricsFn, ModelArg, ModelInitArg,
+                      OptimizerClsArg, OptimizersArg, PeftConfigArg, ProcessingClassArg, QuantizationArg)
 from ._preference import sequence_logps
 from ._unpaired import UnpairedConfig, UnpairedTrainerBase, unpaired_summary
 from .registry import register_method
@@ -39,8 +42,27 @@ class KTOTrainer(UnpairedTrainerBase):
     needs_kl: ClassVar[bool] = True
     ref_columns: ClassVar[tuple[str, ...]] = ("ref_logps", "ref_kl_logps")
 
-    def __init__(self, model: Any, ref_model: Any = None, args: KTOConfig | None = None, **kwargs: Any) -> None:
-        super().__init__(model, ref_model, args=args or KTOConfig(), **kwargs)
+    def __init__(
+        self,
+        model: ModelArg,
+        ref_model: ModelArg | None = None,
+        args: KTOConfig | TrainingArguments | None = None,
+        data_collator: CollatorArg = None,
+        train_dataset: DatasetArg = None,
+        eval_dataset: EvalDatasetArg = None,
+        processing_class: ProcessingClassArg = None,
+        compute_metrics: MetricsFn = None,
+        callbacks: CallbacksArg = None,
+        optimizers: OptimizersArg = (None, None),
+        quantization_config: QuantizationArg = None,
+        peft_config: PeftConfigArg = None,
+    ) -> None:
+        super().__init__(
+            model, ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, optimizers=optimizers, quantization_config=quantization_config,
+            peft_config=peft_config)
+        self.setup_sync_ref_model()
 
     def reference_forward_all(self, batch: dict[str, Any]) -> torch.Tensor:
         return torch.cat([self.reference_forward(batch), self.reference_forward(batch["kl_batch"])])

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from transformers import TrainingArguments
 
 from ..data import DatasetKind, FormatInfo, PaddingCollator, load_any, load_held_out, validate_dataset
 from ..data.streaming import is_stream
@@ -21,6 +22,8 @@ from ..losses.prm import IGNORE_INDEX, aggregate_step_scores, last_step_mask, pr
 from ..models import unwrap_model
 from ..online.rewards.inputs import encode_steps
 from ..online.rewards.reward_model import score_steps, score_steps_batch
+from ._compat import (CallbacksArg, CollatorArg, DatasetArg, EvalDatasetArg, LogitsFn, MetricsFn, ModelArg, ModelInitArg,
+                      OptimizerClsArg, OptimizersArg, PeftConfigArg, ProcessingClassArg, QuantizationArg)
 from ._reward_base import RewardHeadConfig, RewardHeadTrainer
 from .registry import register_method
 
@@ -41,6 +44,10 @@ class PRMConfig(RewardHeadConfig):
     train_on_last_step_only: bool = field(
         default=False, metadata={"help": "Only the last step's label counts in the loss and the metrics."}
     )
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW (TRL's default)."})
+    max_completion_length: int | None = field(default=None, metadata={"help": (
+        "Completion token limit (TRL). Not applied: rows are cut at max_length as a whole, keeping the step labels "
+        "aligned (warned when set).")})
 
     def __post_init__(self) -> None:
         if not self.step_separator:
@@ -57,6 +64,31 @@ class PRMTrainer(RewardHeadTrainer):
     num_labels: ClassVar[int] = 2
     peft_task_type: ClassVar[str] = "TOKEN_CLS"
     _tag_names: ClassVar = ["posttrain", "prm"]
+    inapplicable_fields: ClassVar[dict[str, str]] = {
+        **RewardHeadTrainer.inapplicable_fields,
+        "max_completion_length": "rows are cut at max_length as a whole, so step labels stay aligned",
+    }
+
+    def __init__(
+        self,
+        model: ModelArg = None,
+        args: PRMConfig | TrainingArguments | None = None,
+        data_collator: CollatorArg = None,
+        train_dataset: DatasetArg = None,
+        eval_dataset: EvalDatasetArg = None,
+        processing_class: ProcessingClassArg = None,
+        model_init: ModelInitArg = None,
+        compute_metrics: MetricsFn = None,
+        callbacks: CallbacksArg = None,
+        optimizers: OptimizersArg = (None, None),
+        preprocess_logits_for_metrics: LogitsFn = None,
+        peft_config: PeftConfigArg = None,
+    ) -> None:
+        super(
+            ).__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
+            compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config)
 
     def load_model(self, model: Any, args: PRMConfig) -> torch.nn.Module:
         """The token classifier, with `step_separator` recorded in its config: saved with the model, it is

@@ -15,12 +15,16 @@ from typing import Any, ClassVar, Sequence
 
 import datasets
 import torch
+from transformers import TrainingArguments
 
 from ..data import DatasetFormatError, DatasetKind, FormatInfo, load_any, load_held_out, split_implicit_prompt, validate_dataset
 from ..losses.reward import bradley_terry_loss
 from ..online.rewards.inputs import encode_outcome, pad_right
 from ..online.rewards.reward_model import score_outcomes
+from ._compat import (CallbacksArg, CollatorArg, DatasetArg, EvalDatasetArg, LogitsFn, MetricsFn, ModelArg, ModelInitArg,
+                      OptimizerClsArg, OptimizersArg, PeftConfigArg, ProcessingClassArg, QuantizationArg)
 from ._reward_base import RewardHeadConfig, RewardHeadTrainer
+from ._trl_fields import PAD_TO_MULTIPLE_HELP, resolve_pad_to_multiple_of
 from .registry import register_method
 
 __all__ = ["RewardConfig", "RewardTrainer", "RewardCollator", "pairwise_accuracy"]
@@ -39,18 +43,28 @@ class RewardConfig(RewardHeadConfig):
         metadata={"help": "Weight of the auxiliary centering loss coef * mean((r_chosen + r_rejected)^2) "
                   "(Eisenstein et al. 2023); None or 0: off. 0.01 is a usual value."},
     )
+    pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": PAD_TO_MULTIPLE_HELP})
+
+    def __post_init__(self) -> None:
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of)
+        super().__post_init__()
 
 
 class RewardCollator:
     """Rows of `chosen_input_ids` / `rejected_input_ids` (and optional `margin`) -> one right-padded batch
     whose first half is every chosen sequence and second half every rejected one."""
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
         self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
         input_ids, attention_mask = pad_right(seqs, self.pad_token_id)
+        extra = -input_ids.shape[1] % self.pad_to_multiple_of if self.pad_to_multiple_of else 0
+        if extra:
+            input_ids = torch.nn.functional.pad(input_ids, (0, extra), value=self.pad_token_id)
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, extra), value=0)
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "margin" in rows[0]:
             batch["margin"] = torch.tensor([float(r["margin"]) for r in rows])
@@ -78,6 +92,29 @@ class RewardTrainer(RewardHeadTrainer):
     num_labels: ClassVar[int] = 1
     peft_task_type: ClassVar[str] = "SEQ_CLS"
     _tag_names: ClassVar = ["posttrain", "reward"]
+
+    def __init__(
+        self,
+        model: ModelArg,
+        args: RewardConfig | TrainingArguments | None = None,
+        data_collator: CollatorArg = None,
+        train_dataset: DatasetArg = None,
+        eval_dataset: EvalDatasetArg = None,
+        processing_class: ProcessingClassArg = None,
+        compute_metrics: MetricsFn = None,
+        callbacks: CallbacksArg = None,
+        optimizers: OptimizersArg = (None, None),
+        optimizer_cls_and_kwargs: OptimizerClsArg = None,
+        preprocess_logits_for_metrics: LogitsFn = None,
+        quantization_config: QuantizationArg = None,
+        peft_config: PeftConfigArg = None,
+    ) -> None:
+        super(
+            ).__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
+            callbacks=callbacks, optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config, peft_config=peft_config)
 
     # ------------------------------------------------------------------------------------------ data
     def preprocess_dataset(self, dataset: datasets.Dataset, info: FormatInfo) -> datasets.Dataset:
@@ -114,7 +151,7 @@ class RewardTrainer(RewardHeadTrainer):
 
     def make_collator(self) -> Any:
         """Chosen then rejected rows, right-padded with the pad id the head looks for."""
-        return RewardCollator(self.tokenizer.pad_token_id)
+        return RewardCollator(self.tokenizer.pad_token_id, self.args.pad_to_multiple_of)
 
     # ------------------------------------------------------------------------------------------ loss
     def count_loss_items(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

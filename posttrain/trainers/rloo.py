@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from transformers import TrainingArguments
 
 from ..losses.advantages import normalize_advantages, rloo_advantages
 from ..losses.rloo import rloo_loss, sequence_kl
@@ -20,14 +21,17 @@ from ..online.logprobs import batched_completion_logps
 from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
 from ._online import OnlineTrainer
+from ._compat import (CallbacksArg, DatasetArg, EvalDatasetArg, ModelArg, OptimizersArg, PeftConfigArg,
+                      ProcessingClassArg, QuantizationArg)
 from ._online_config import OnlineConfig, RewardArgs, reward_trainer_kwargs
+from ._online_trl import OnlineTRLFields, OnlineTRLMixin
 from .registry import register_method
 
 __all__ = ["RLOOConfig", "RLOOTrainer"]
 
 
 @dataclass
-class RLOOConfig(OnlineConfig):
+class RLOOConfig(OnlineTRLFields, OnlineConfig):
     """Configuration of `RLOOTrainer`."""
 
     num_generations: int = field(default=4, metadata={"help": "Completions per prompt (RLOO's k, >= 2)."})
@@ -36,14 +40,22 @@ class RLOOConfig(OnlineConfig):
         "Subtract beta * sequence KL from the reward (the RLOO paper); False: a k3 KL term in the loss.")})
     normalize_advantages: bool = field(default=False, metadata={"help": (
         "Whiten the advantages over the generation batch (mean 0, std 1).")})
+    reward_clip_range: list[float] | None = field(default=None, metadata={
+        "help": "Clip each reward into [low, high] (two numbers; a (low, high) tuple in Python) before the KL and "
+                "the baseline (None: no clipping)."})
 
     def __post_init__(self) -> None:
+        self._resolve_online_trl_fields()
+        if self.reward_clip_range is not None:
+            if len(self.reward_clip_range) != 2 or float(self.reward_clip_range[0]) > float(self.reward_clip_range[1]):
+                raise ValueError(f"reward_clip_range={self.reward_clip_range}: expected (low, high) with low <= high")
+            self.reward_clip_range = (float(self.reward_clip_range[0]), float(self.reward_clip_range[1]))
         super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations}: RLOO needs >= 2 (leave-one-out baseline)")
 
 
-class RLOOTrainer(OnlineTrainer):
+class RLOOTrainer(OnlineTRLMixin, OnlineTrainer):
     """RLOO trainer: ``RLOOTrainer(model, reward_funcs, args, train_dataset, ..., reward_model=None)``.
 
     ``reward_model`` (a sequence-classification model, its path, or a `RewardModelScorer`) is the classic
@@ -54,14 +66,32 @@ class RLOOTrainer(OnlineTrainer):
     requires_reward_funcs: ClassVar = True
     _tag_names: ClassVar = ["posttrain", "rloo"]
 
-    def __init__(self, model: Any, reward_funcs: Any = None, args: RLOOConfig | None = None, *rest: Any,
-                 reward_model: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: ModelArg,
+        reward_funcs: Any = None,
+        args: RLOOConfig | TrainingArguments | None = None,
+        train_dataset: DatasetArg = None,
+        eval_dataset: EvalDatasetArg = None,
+        processing_class: ProcessingClassArg = None,
+        reward_processing_classes: ProcessingClassArg | list | None = None,
+        callbacks: CallbacksArg = None,
+        optimizers: OptimizersArg = (None, None),
+        quantization_config: QuantizationArg = None,
+        peft_config: PeftConfigArg = None,
+        *,
+        reward_model: Any = None,
+        ref_model: ModelArg | None = None,
+        engine: Any = None,
+    ) -> None:
         if reward_model is not None:
             funcs = [] if reward_funcs is None else (list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
             reward_funcs = funcs + [reward_model]
-        # resolved here because OnlineTrainer reads the args it was given, not self.args (a plain
-        # TrainingArguments must already be an RLOOConfig there)
-        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        super().__init__(model, reward_funcs, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+                         peft_config=peft_config, callbacks=callbacks, optimizers=optimizers, ref_model=ref_model,
+                         engine=engine, quantization_config=quantization_config)
+        self._setup_online_trl()
 
     @property
     def zero_advantage_means_zero_gradient(self) -> bool:
@@ -72,6 +102,8 @@ class RLOOTrainer(OnlineTrainer):
         args: RLOOConfig = self.args
         metrics: dict[str, float] = {}
         rewards = scored.rewards.total.to(batch.completion_mask.device)
+        if args.reward_clip_range is not None:
+            rewards = rewards.clamp(*args.reward_clip_range)
         if args.beta != 0.0 and args.kl_in_reward:
             # the sampled policy's log-probs: old ones if computed, else the current (identical) policy
             if batch.get("old_logps") is None:  # the policy at generation time; reused as old log-probs

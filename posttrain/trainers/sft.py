@@ -20,14 +20,18 @@ from typing import Any, ClassVar
 
 import datasets
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import EvalPrediction
 
 from ..data import DatasetFormatError, DatasetKind, FormatInfo, PaddingCollator, PaddingFreeCollator, load_any, load_held_out
+from ..data.packing import pack_wrapped, split_long_rows
 from ..data.streaming import is_stream
 from ..data import pack_dataset, tokenize_messages, tokenize_prompt_completion, tokenize_text, validate_dataset
 from ..losses.sft import sft_loss
 from ..ops import token_logps
 from ..ops.forward import prediction_mask
 from ._loss_items import LossItemsMixin
+from ._trl_fields import PAD_TO_MULTIPLE_HELP, resolve_pad_to_multiple_of
 from .base import PostTrainConfig, PostTrainer
 from .registry import register_method
 
@@ -72,10 +76,37 @@ class SFTConfig(PostTrainConfig):
                   "probability, Wu et al. 2025)."},
     )
     log_entropy: bool = field(default=False, metadata={"help": "Also compute and log the mean token entropy."})
+    packing_strategy: str = field(default="bfd", metadata={"help": (
+        "With packing: 'bfd' (best-fit decreasing; rows longer than max_length are truncated first), 'bfd_split' "
+        "(long rows are split into pieces that are packed instead), 'wrapped' (all rows concatenated and cut every "
+        "max_length tokens, mid-sequence).")})
+    eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval dataset (None: as packing)."})
+    pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": PAD_TO_MULTIPLE_HELP})
+    truncation_mode: str = field(default="keep_start", metadata={"help": (
+        "Rows longer than max_length: 'keep_start' keeps the first tokens; 'keep_end' (deprecated in TRL) the last.")})
+    shuffle_dataset: bool = field(default=False, metadata={"help": (
+        "Shuffle the prepared training dataset once (seeded) before training (the sampler shuffles each epoch "
+        "anyway; this also mixes what packing puts together).")})
+    dataset_kwargs: dict | str | None = field(default=None, metadata={"help": (
+        "Dataset preparation options (TRL): {\"skip_prepare_dataset\": true} uses an already tokenized dataset "
+        "(input_ids) as is, with no formatting or template step; any other key is an error.")})
 
     def __post_init__(self) -> None:
         if self.loss_type not in ("nll", "dft"):
             raise ValueError(f"loss_type must be 'nll' or 'dft', got {self.loss_type!r}")
+        if self.packing_strategy == "bfd-requeue":  # TRL's former name
+            self.packing_strategy = "bfd_split"
+        if self.packing_strategy not in ("bfd", "bfd_split", "wrapped"):
+            raise ValueError(f"packing_strategy={self.packing_strategy!r}: expected 'bfd', 'bfd_split' or 'wrapped'")
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"truncation_mode={self.truncation_mode!r}: expected 'keep_start' or 'keep_end'")
+        if isinstance(self.dataset_kwargs, str):
+            import json
+            self.dataset_kwargs = json.loads(self.dataset_kwargs)
+        unknown = sorted(set(self.dataset_kwargs or {}) - {"skip_prepare_dataset"})
+        if unknown:
+            raise ValueError(f"dataset_kwargs: unsupported keys {unknown} (supported: skip_prepare_dataset)")
+        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of)
         super().__post_init__()
 
 
@@ -87,13 +118,37 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
     config_class: ClassVar = SFTConfig
     _tag_names: ClassVar = ["posttrain", "sft"]
 
-    def __init__(self, *args: Any, formatting_func: Callable[[dict], str] | None = None, **kwargs: Any) -> None:
+    accepts_compute_loss_func: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | torch.nn.Module,
+        args: SFTConfig | TrainingArguments | None = None,
+        data_collator: Callable[[list[Any]], dict[str, Any]] | None = None,
+        train_dataset: datasets.Dataset | datasets.IterableDataset | Any | None = None,
+        eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | Any | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_loss_func: Callable[..., torch.Tensor] | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        quantization_config: Any | None = None,
+        peft_config: Any | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
+    ) -> None:
         self.formatting_func = formatting_func  # prepare_dataset, run inside the base __init__, reads it
-        config = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if formatting_func is not None and config is not None and config.completion_only_loss:
+        if formatting_func is not None and args is not None and getattr(args, "completion_only_loss", None):
             raise ValueError("formatting_func turns every row into plain text, which has no completion to restrict "
                              "the loss to: drop completion_only_loss=True or format the rows yourself")
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, optimizers=optimizers,
+            compute_loss_func=compute_loss_func, compute_metrics=compute_metrics,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics, quantization_config=quantization_config,
+        )
 
     # ------------------------------------------------------------------------------------------ data
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
@@ -113,8 +168,11 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         else:
             input_ids = tokenize_text(tok, row["text"])["input_ids"]
             mask = [1] * len(input_ids)
-        truncated = args.max_length is not None and len(input_ids) > args.max_length
-        if truncated:
+        split_later = args.packing and args.packing_strategy != "bfd"  # pieces are packed, nothing is cut
+        truncated = args.max_length is not None and len(input_ids) > args.max_length and not split_later
+        if truncated and args.truncation_mode == "keep_end":
+            input_ids, mask = input_ids[-args.max_length:], mask[-args.max_length:]
+        elif truncated:
             input_ids, mask = input_ids[: args.max_length], mask[: args.max_length]
         return {"input_ids": input_ids, "completion_mask": mask, "truncated": truncated}
 
@@ -164,6 +222,12 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         """The dataset as the data pipeline reads it: `formatting_func` applied (each row becomes its `text`),
         or the `dataset_text_field` column renamed to `text` (`messages` when it holds conversations). A dataset
         already tokenized (`input_ids`) is returned as is."""
+        if (self.args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            dataset = load_held_out(dataset) if name.startswith("eval") else load_any(dataset)
+            if "input_ids" not in dataset.column_names:
+                raise DatasetFormatError(f"{name}: dataset_kwargs skip_prepare_dataset=True needs a tokenized dataset "
+                                         f"(an 'input_ids' column); columns: {sorted(dataset.column_names)}")
+            return dataset
         plain_columns = self.formatting_func is None and self.args.dataset_text_field in ("text", "messages")
         if isinstance(dataset, (list, tuple, dict)) and plain_columns:
             # Python rows are checked before Arrow conversion, which fails on a mistyped row without saying which.
@@ -197,17 +261,26 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         # The first token of every sequence has no prediction, so a mask set only there trains nothing.
         keep = [any(mask[1:]) for mask in tokenized.with_format("arrow")["completion_mask"].to_pylist()]
         tokenized = self.drop_rows_without_loss(tokenized, name, keep, EMPTY_ROW_REASON)
-        if self.args.packing:
-            if self.args.max_length is None:
+        args = self.args
+        packing = args.packing if not name.startswith("eval") or args.eval_packing is None else args.eval_packing
+        if packing:
+            if args.max_length is None:
                 raise ValueError("packing=True needs max_length (the length of a packed row)")
-            tokenized = pack_dataset(tokenized, self.args.max_length)
+            if args.packing_strategy == "wrapped":
+                tokenized = pack_wrapped(tokenized, args.max_length)
+            else:
+                if args.packing_strategy == "bfd_split":
+                    tokenized = split_long_rows(tokenized, args.max_length)
+                tokenized = pack_dataset(tokenized, args.max_length)
+        if name == "train" and args.shuffle_dataset:
+            tokenized = tokenized.shuffle(seed=args.seed)
         return tokenized
 
     def make_collator(self) -> Any:
         pad_id = self.tokenizer.pad_token_id
         if self.args.padding_free or self.args.packing:
             return PaddingFreeCollator()
-        return PaddingCollator(pad_token_id=pad_id)
+        return PaddingCollator(pad_token_id=pad_id, pad_to_multiple_of=self.args.pad_to_multiple_of)
 
     # ------------------------------------------------------------------------------------------ loss
     def count_loss_items(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -217,6 +290,8 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         return {"tokens": mask.sum()}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._user_loss_func is not None:
+            return self._compute_user_loss(model, inputs, return_outputs, num_items_in_batch)
         mask = inputs["completion_mask"].bool()
         out = token_logps(
             model,
@@ -246,6 +321,16 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
             metrics["num_loss_tokens"] = n_tokens.float()
         self.store_metrics(metrics)
         return (loss, out) if return_outputs else loss
+
+    def _compute_user_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """TRL's ``compute_loss_func(outputs, labels, num_items_in_batch=...)``: the model's outputs (with logits,
+        as the user's function expects them), the unshifted labels (-100 outside the loss) and the step's count of
+        loss tokens."""
+        labels = inputs["input_ids"].masked_fill(~inputs["completion_mask"].bool(), -100)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                        position_ids=inputs.get("position_ids"), use_cache=False)
+        loss = self._user_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
 
     def eval_predictions(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> tuple[Any, Any]:
         """What TRL's SFTTrainer gives `compute_metrics`: `predictions [B, L, vocab]`, the logits of every
