@@ -79,6 +79,9 @@ class RLOOTrainer(OnlineTRLMixin, OnlineTrainer):
         optimizers: OptimizersArg = (None, None),
         quantization_config: QuantizationArg = None,
         peft_config: PeftConfigArg = None,
+        tools: list | None = None,
+        rollout_func: Any = None,
+        environment_factory: Any = None,
         *,
         reward_model: Any = None,
         ref_model: ModelArg | None = None,
@@ -90,7 +93,8 @@ class RLOOTrainer(OnlineTRLMixin, OnlineTrainer):
         super().__init__(model, reward_funcs, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, reward_processing_classes=reward_processing_classes,
                          peft_config=peft_config, callbacks=callbacks, optimizers=optimizers, ref_model=ref_model,
-                         engine=engine, quantization_config=quantization_config)
+                         engine=engine, quantization_config=quantization_config, tools=tools,
+                         rollout_func=rollout_func, environment_factory=environment_factory)
         self._setup_online_trl()
 
     @property
