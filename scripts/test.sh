@@ -20,7 +20,8 @@ else
   MARKERS="not slow and not vllm and not minilm"
 fi
 set +e
-python -m pytest -q -m "$MARKERS" -p no:cacheprovider --durations=30
+# Two workers, whole files each (module fixtures such as trained tiny models are built once); see tests/conftest.py.
+python -m pytest -q -m "$MARKERS" -p no:cacheprovider --durations=30 -n 2 --dist loadfile
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
