@@ -274,3 +274,20 @@ def ld_pair_logps(
         length_desensitized_logps(chosen_token_logps, chosen_mask, public, alpha),
         length_desensitized_logps(rejected_token_logps, rejected_mask, public, alpha),
     )
+
+
+def wpo_weights(token_logps: Tensor, token_log_sum_sq: Tensor, token_mask: Tensor) -> Tensor:
+    """WPO's per-sequence weight (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization",
+    Eq. 2, length-normalized): how likely the policy is to produce the response itself, relative to its own
+    sampling::
+
+        w(y | x) = exp( (1 / |y|) * sum_t [ log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2 ] )
+
+    ``token_logps``, ``token_log_sum_sq``, ``token_mask``: ``[S, L]`` per completion token. Returns ``[S]``,
+    detached (the weights scale each pair's loss; no gradient flows through them). A pair's loss is multiplied
+    by ``w(chosen) * w(rejected)``.
+    """
+    mask = token_mask.to(token_logps.dtype)
+    lengths = mask.sum(-1).clamp(min=1.0)
+    aligned = ((token_logps.detach() - token_log_sum_sq.detach()) * mask).sum(-1) / lengths
+    return torch.exp(aligned)

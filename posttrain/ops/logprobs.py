@@ -34,7 +34,7 @@ from .fast_paths import fast_paths_enabled
 from .packed_linear import PackedLinear
 
 __all__ = ["selective_log_softmax", "selective_log_softmax_ext", "argmax_tokens", "naive_log_softmax",
-           "release_kept_buffers"]
+           "release_kept_buffers", "log_sum_sq_probs"]
 
 
 CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of float32 logits per chunk
@@ -328,3 +328,22 @@ def naive_log_softmax(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: T
     logps = logp_all.gather(1, labels[:, None]).squeeze(1)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
     return logps, entropy
+
+
+@torch.no_grad()
+def log_sum_sq_probs(hidden: Tensor, weight: Tensor, bias: Tensor | None = None, *, temperature: float = 1.0,
+                     chunk_size: int | None = None) -> Tensor:
+    """``log sum_v softmax(z)_v^2`` per row of ``z = (h W^T + b) / T``, chunked over rows, no gradient:
+    ``logsumexp(2 z) - 2 logsumexp(z)``, the log of the probability that two samples from the row's distribution
+    agree (WPO's per-token normalizer). ``hidden [N, H]`` -> ``[N]`` float32 (float64 for float64 inputs)."""
+    chunk_size = auto_chunk_size(weight.shape[0], chunk_size)
+    _check(hidden, weight, None, bias, chunk_size, temperature)
+    cdt = _compute_dtype(hidden, weight, bias)
+    head = PackedLinear(weight.to(cdt), min(chunk_size, max(hidden.shape[0], 1)),
+                        bias.to(cdt) if bias is not None else None)
+    out = hidden.new_empty(hidden.shape[0], dtype=cdt)
+    for s in range(0, hidden.shape[0], chunk_size):
+        z = _chunk_logits(hidden[s:s + chunk_size], head, temperature)
+        lse = torch.logsumexp(z, -1)
+        out[s:s + chunk_size] = torch.logsumexp(z.mul_(2.0), -1) - 2.0 * lse
+    return out

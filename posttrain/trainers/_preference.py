@@ -20,6 +20,7 @@ from ..data import tokenize_prompt_completion
 from ..data.padding_free import padding_free_row
 from ..ops import token_logps
 from ..ops.forward import output_head
+from ..ops.logprobs import log_sum_sq_probs
 
 __all__ = ["tokenize_completions", "SequenceCollator", "SequenceLogps", "sequence_logps"]
 
@@ -151,6 +152,7 @@ class SequenceLogps:
     token_logps: torch.Tensor  # [S, Lc] per-token completion log-probs, left-aligned, 0-padded
     token_mask: torch.Tensor  # [S, Lc] bool
     logits_mean: torch.Tensor | None = None  # [S] mean over completion tokens of the mean logit over the vocab
+    token_log_sum_sq: torch.Tensor | None = None  # [S, Lc] log sum_v p_v^2 per completion token (WPO), no grad
 
 
 def sequence_logps(
@@ -159,13 +161,14 @@ def sequence_logps(
     *,
     chunk_size: int = 1024,
     with_logits_mean: bool = False,
+    with_log_sum_sq: bool = False,
     temperature: float = 1.0,
 ) -> SequenceLogps:
     """Run ``model`` once over a :class:`SequenceCollator` batch and reduce log-probs per sequence."""
     out = token_logps(
         model, batch["input_ids"], attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"), mask=batch["completion_mask"], chunk_size=chunk_size,
-        temperature=temperature, return_hidden=with_logits_mean,
+        temperature=temperature, return_hidden=with_logits_mean or with_log_sum_sq,
     )
     mask = out.mask if out.mask is not None else batch["completion_mask"]
     n_seq = int(batch["num_sequences"])
@@ -191,4 +194,10 @@ def sequence_logps(
             tok_mean = rows @ w_mean + (bias.float().mean() if bias is not None else 0.0)
             logits_mean = torch.zeros(n_seq, device=values.device).index_add(0, seq, tok_mean)
             logits_mean = logits_mean / lengths.clamp(min=1)
-    return SequenceLogps(token_lp.sum(-1), lengths, token_lp, token_mask, logits_mean)
+    log_sum_sq = None
+    if with_log_sum_sq:
+        weight, bias = output_head(model)
+        rows = out.hidden[:, :-1][mask[:, 1:]]  # hidden state predicting each scored token
+        per_token = log_sum_sq_probs(rows, weight, bias, temperature=temperature, chunk_size=chunk_size)
+        log_sum_sq = per_token.new_zeros(n_seq, width).index_put((seq, pos), per_token)
+    return SequenceLogps(token_lp.sum(-1), lengths, token_lp, token_mask, logits_mean, log_sum_sq)

@@ -15,12 +15,12 @@ import torch
 from transformers import TrainingArguments
 
 from ..losses.bco import RunningMean
-from ..losses.dpo import (DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, chosen_nll, dpo_loss,
+from ..losses.dpo import (DPO_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, chosen_nll, dpo_loss, wpo_weights,
                           ld_pair_logps)
 from ._compat import (CallbacksArg, CollatorArg, DatasetArg, EvalDatasetArg, LogitsFn, MetricsFn, ModelArg, ModelInitArg,
                       OptimizerClsArg, OptimizersArg, PeftConfigArg, ProcessingClassArg, QuantizationArg)
 from ._pref_base import PreferenceTrainerBase, ReferenceConfig
-from ._preference import SequenceLogps
+from ._preference import SequenceLogps, sequence_logps
 from .registry import register_method
 
 __all__ = ["DPOConfig", "DPOTrainer"]
@@ -48,8 +48,8 @@ class DPOConfig(ReferenceConfig):
         f"f-DPO divergence: {', '.join(F_DIVERGENCES)} (reverse_kl is DPO).")})
     f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "alpha of the alpha_divergence."})
     use_weighting: bool = field(default=False, metadata={"help": (
-        "WPO weighting of pairs by the policy's length-normalized sequence probabilities. Not implemented in "
-        "posttrain yet: True is an error (rather than silently training unweighted).")})
+        "WPO: weight each pair's loss by the policy's length-normalized probabilities of its two responses "
+        "relative to its own sampling (losses/dpo.py wpo_weights); one extra no-grad pass of the output head.")})
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
@@ -64,8 +64,8 @@ class DPOConfig(ReferenceConfig):
         if self.f_divergence_type != "reverse_kl" and not set(self.loss_type) <= set(F_DIVERGENCE_LOSS_TYPES):
             raise ValueError(f"f_divergence_type={self.f_divergence_type!r} applies to the loss types "
                              f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; got {self.loss_type}")
-        if self.use_weighting:
-            raise NotImplementedError("use_weighting=True (WPO) is not implemented in posttrain yet; drop it")
+        if self.use_weighting and any(t.startswith("aot") for t in self.loss_type):
+            raise ValueError("use_weighting (WPO) does not apply to the aot losses, which sort the batch's pairs")
         if self.sync_ref_model and self.reference_free:
             raise ValueError("sync_ref_model and reference_free exclude each other")
         super().__post_init__()
@@ -115,6 +115,12 @@ class DPOTrainer(PreferenceTrainerBase):
                                          out.token_mask[n:], self.args.ld_alpha)
         return torch.cat([chosen, rejected])
 
+    def policy_logps(self, model: torch.nn.Module, inputs: dict[str, Any]) -> SequenceLogps:
+        if not self.args.use_weighting:
+            return super().policy_logps(model, inputs)
+        return sequence_logps(model, inputs, chunk_size=self.args.logits_chunk_size, with_logits_mean=True,
+                              with_log_sum_sq=True)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: DPOConfig = self.args
         n = int(inputs["num_sequences"]) // 2
@@ -137,6 +143,10 @@ class DPOTrainer(PreferenceTrainerBase):
             bco_delta=delta, discopop_tau=args.discopop_tau, f_divergence_type=args.f_divergence_type,
             f_alpha_divergence_coef=args.f_alpha_divergence_coef,
         )
+        if args.use_weighting:  # WPO: each pair's loss times w(chosen) * w(rejected)
+            weights = wpo_weights(out.token_logps, out.token_log_sum_sq, out.token_mask)
+            losses = losses * weights[:n] * weights[n:]
+            metrics["wpo/weight_mean"] = (weights[:n] * weights[n:]).mean()
         loss = self.row_mean(losses, num_items_in_batch)
         if args.rpo_alpha is not None:
             loss = loss + args.rpo_alpha * self.chosen_token_nll(out, n, num_items_in_batch)
