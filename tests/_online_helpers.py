@@ -31,9 +31,9 @@ def history(trainer, key: str) -> list:
     return [h[key] for h in trainer.state.log_history if key in h]
 
 
-def scored_with(rewards, num_generations=None):
-    """A `ScoredRollout` carrying just ``rewards`` (a tensor [N]; NaN for a completion no function scored),
-    for calling a trainer's `compute_advantages` directly."""
+def scored_with(rewards, num_generations: int):
+    """A `ScoredRollout` carrying just ``rewards`` (a tensor [N]; NaN for a completion no function scored), in
+    groups of ``num_generations`` completions per prompt, for calling a trainer's `compute_advantages` directly."""
     from posttrain.online.engines import Rollout
     from posttrain.online.pipeline import ScoredRollout
     from posttrain.online.rewards import RewardBatch
@@ -41,6 +41,7 @@ def scored_with(rewards, num_generations=None):
     n = len(rewards)
     per_func = rewards.float().view(-1, 1)
     total = per_func.nan_to_num(0.0).flatten()
-    rollout = Rollout(list(range(n)), [[1]] * n, [[2]] * n, ["x"] * n, [[0.0]] * n, [False] * n)
-    return ScoredRollout([{"prompt": "p"}] * n, rollout, ["x"] * n,
+    prompt_index = [i // num_generations for i in range(n)]
+    rollout = Rollout(prompt_index, [[1]] * n, [[2]] * n, ["x"] * n, [[0.0]] * n, [False] * n)
+    return ScoredRollout([{"prompt": f"p{k}"} for k in range(n // num_generations)], rollout, ["x"] * n,
                          RewardBatch(["r"], per_func, total, int(per_func.isnan().sum()), [1.0]))

@@ -190,7 +190,7 @@ def test_scale_rewards_reaches_the_advantages(scale):
     trainer = GRPOTrainer(model, digit_share, _config(scale_rewards=scale), train_dataset=_data(), processing_class=tok)
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0, 1.0, 2.0, 2.0])
     batch = RolloutBatch([[1]] * 8, [[2]] * 8, torch.ones(8, 1), torch.zeros(8))
-    adv, _ = trainer.compute_advantages(scored_with(rewards), batch)
+    adv, _ = trainer.compute_advantages(scored_with(rewards, 4), batch)
     assert torch.allclose(adv, group_relative_advantages(rewards, 4, scale)[0])
 
 

@@ -37,7 +37,7 @@ def test_baseline_advantages_match_the_written_out_estimator(tmp_path):
     ref = torch.tensor([[-1.5, -1.0], [-1.0, 0.0], [-1.0, -1.0], [-1.0, -1.0]])
     mask = completion_mask(lengths).float()
     batch = RolloutBatch([[1]] * 4, [[2] * n for n in lengths], mask, old_logps=old, ref_logps=ref)
-    adv, metrics = trainer.compute_advantages(scored_with(scores), batch)
+    adv, metrics = trainer.compute_advantages(scored_with(scores, 2), batch)
     # written out: scores minus the pair's mean, -0.5 * (old - ref) per token, score on the last token,
     # returns-to-go, then (G - mean) / std over all 7 tokens
     centred = [0.5, -0.5, 0.0, 0.0]

@@ -50,7 +50,7 @@ def test_kl_in_reward_uses_sequence_kl_and_leave_one_out():
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
     old = torch.tensor([[-1.0, -1.0], [-2.0, -1.0], [-0.5, -0.5], [-1.0, -1.0]])
     ref = torch.tensor([[-1.5, -1.0], [-1.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])
-    adv, metrics = trainer.compute_advantages(scored_with(rewards), _batch_for(trainer, rewards, old, ref))
+    adv, metrics = trainer.compute_advantages(scored_with(rewards, 2), _batch_for(trainer, rewards, old, ref))
     kl = [(-1 + 1.5) + 0.0, (-2 + 1) + 0.0, 0.5 + 0.5, 0.0]
     shaped = [r - 0.5 * k for r, k in zip(rewards.tolist(), kl)]
     expected = [shaped[0] - shaped[1], shaped[1] - shaped[0], shaped[2] - shaped[3], shaped[3] - shaped[2]]
@@ -58,7 +58,7 @@ def test_kl_in_reward_uses_sequence_kl_and_leave_one_out():
     assert metrics["kl"] == pytest.approx(sum(kl) / 8) and metrics["kl/sequence_mean"] == pytest.approx(sum(kl) / 4)
     # normalized advantages are whitened
     trainer.args.normalize_advantages = True
-    adv, _ = trainer.compute_advantages(scored_with(rewards), _batch_for(trainer, rewards, old, ref))
+    adv, _ = trainer.compute_advantages(scored_with(rewards, 2), _batch_for(trainer, rewards, old, ref))
     assert adv.mean().item() == pytest.approx(0.0, abs=1e-6) and adv.std().item() == pytest.approx(1.0, abs=1e-4)
 
 

@@ -45,6 +45,29 @@ def test_generation_kwargs_override_sampling_and_shuffle_dataset(tmp_path) -> No
         GRPOConfig(output_dir=str(tmp_path), generation_kwargs={"beam_width": 2})
 
 
+@pytest.mark.parametrize("cls,config_cls", [(GRPOTrainer, GRPOConfig), (RLOOTrainer, RLOOConfig)])
+def test_num_generations_eval_sets_the_completions_per_prompt_at_evaluation(tmp_path, cls, config_cls) -> None:
+    seen = []
+
+    def counting(prompts, completions, **kwargs):
+        seen.append((len(prompts), len(set(map(str, prompts)))))
+        return [0.0] * len(completions)
+
+    model, tok = build_tiny("nano")
+    for n_eval in (1, 2):
+        seen.clear()
+        args = config_cls(output_dir=str(tmp_path), num_generations=4, num_generations_eval=n_eval,
+                          per_device_train_batch_size=8, per_device_eval_batch_size=4, max_completion_length=4,
+                          report_to="none", save_strategy="no", disable_tqdm=True)
+        trainer = cls(model, counting, args, train_dataset=ArithmeticTask(digits=2).prompt_only(8),
+                      eval_dataset=ArithmeticTask(digits=2, seed=1).prompt_only(8), processing_class=tok)
+        assert trainer.sampling_params("train").n == 4 and trainer.sampling_params("eval").n == n_eval
+        metrics = trainer.evaluate()
+        assert seen and all(total == prompts * n_eval for total, prompts in seen)  # n_eval per prompt
+        assert sum(prompts for _, prompts in seen) == 8 and all(total == 4 for total, _ in seen)
+        assert "eval_loss" in metrics and metrics["eval_loss"] == metrics["eval_loss"]  # finite, not nan
+
+
 def test_chat_template_kwargs_reach_the_template(tmp_path) -> None:
     model, tok = build_tiny("nano")
     tok.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"

@@ -62,6 +62,11 @@ class ScoredRollout:
         return [self.rows[k]["prompt"] for k in self.rollout.prompt_index]
 
     @property
+    def group_size(self) -> int:
+        """Completions per prompt in this rollout (``num_generations``, or ``num_generations_eval`` at eval)."""
+        return len(self.rollout) // max(len(self.rows), 1)
+
+    @property
     def group_ids(self) -> torch.Tensor:
         """``[N]``: completions of one prompt share an id."""
         return torch.tensor(self.rollout.prompt_index, dtype=torch.long)

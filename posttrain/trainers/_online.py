@@ -279,7 +279,7 @@ class OnlineTrainer(PostTrainer):
             dataset = self.eval_dataset[dataset]
         if "prompt_ids" not in dataset.column_names:  # a raw dataset handed to evaluate()
             dataset = self.prepare_dataset(dataset, "eval")
-        size = max(1, self.args.per_device_eval_batch_size // self.args.num_generations)
+        size = max(1, self.args.per_device_eval_batch_size // self.generations_per_prompt("eval"))
         return self._get_dataloader(dataset, "Evaluation", batch_size=size, sampler_fn=self._get_eval_sampler)
 
     def _prepare_inputs(self, inputs: Any) -> RolloutBatch:
@@ -289,6 +289,11 @@ class OnlineTrainer(PostTrainer):
         return self.prepare(scored, "eval")
 
     # -------------------------------------------------------------------------- the four stages
+    def generations_per_prompt(self, mode: str = "train") -> int:
+        """``num_generations``; at evaluation ``num_generations_eval`` when it is set (TRL's field)."""
+        n_eval = getattr(self.args, "num_generations_eval", None)
+        return n_eval if mode == "eval" and n_eval is not None else self.args.num_generations
+
     def sampling_params(self, mode: str = "train", round_: int | None = None, refill: int = 0) -> SamplingParams:
         """The rollout's sampling settings, with a seed of its own: ``args.seed``, the process, and the
         micro-step the generation starts at (``round_``; evaluation reuses one seed; dynamic sampling's
@@ -300,7 +305,7 @@ class OnlineTrainer(PostTrainer):
         offset = 1 if mode == "train" else 0
         base = a.seed * 1_000_003 + round_ * 2 + offset + refill * 2 * 1_000_033
         seed = (base * max(a.world_size, 1) + a.process_index) % (1 << 31)
-        return SamplingParams(n=a.num_generations, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+        return SamplingParams(n=self.generations_per_prompt(mode), temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                               min_p=a.min_p, repetition_penalty=a.repetition_penalty,
                               max_new_tokens=a.max_completion_length, seed=seed)
 
@@ -456,7 +461,7 @@ class OnlineTrainer(PostTrainer):
     def _reward_metrics(self, scored: ScoredRollout) -> dict[str, float]:
         if scored.rewards is None:
             return {}
-        g = self.args.num_generations
+        g = scored.group_size
         metrics = scored.rewards.metrics()
         grouped = scored.rewards.total.view(-1, g)
         group_std = grouped.std(dim=1) if g > 1 else torch.zeros(grouped.shape[0])

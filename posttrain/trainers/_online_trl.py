@@ -1,7 +1,7 @@
 """TRL 1.16's GRPOConfig / RLOOConfig fields that posttrain's online config did not have, and what they do here.
 
 Behaviour fields (`OnlineTRLFields`, applied by `OnlineTRLMixin`): ``generation_kwargs`` (sampling settings
-merged over the config's), ``chat_template_kwargs`` (passed to the chat template of conversational prompts),
+merged over the config's; ``chat_template_kwargs`` is `OnlineConfig`'s own),
 ``shuffle_dataset`` (the prompt order of each epoch), ``disable_dropout``, ``sync_ref_model`` (TR-DPO: the
 reference moves toward the policy every ``ref_model_sync_steps``), ``pad_to_multiple_of`` and
 ``num_generations_eval`` (completions per prompt at evaluation). ``vllm_server_host`` / ``vllm_server_port``
@@ -66,8 +66,6 @@ class OnlineTRLFields:
     generation_kwargs: dict | str | None = field(default=None, metadata=_help(
         "Sampling settings that override the config's for the rollouts: temperature, top_p, top_k, min_p, "
         "repetition_penalty, max_new_tokens (or max_tokens), seed, stop_token_ids. Other keys are an error."))
-    chat_template_kwargs: dict | str | None = field(default=None, metadata=_help(
-        "Keyword arguments for the chat template of conversational prompts (e.g. {\"enable_thinking\": false})."))
     num_generations_eval: int | None = field(default=None, metadata=_help(
         "Completions per prompt at evaluation (None: num_generations). A divisor of per_device_eval_batch_size."))
     sync_ref_model: bool = field(default=False, metadata=_help(
@@ -103,7 +101,7 @@ class OnlineTRLFields:
         """Parse the JSON-string forms the command line gives and map TRL's aliases onto posttrain's fields."""
         import json
 
-        for name in ("generation_kwargs", "chat_template_kwargs"):
+        for name in ("generation_kwargs",):  # chat_template_kwargs: OnlineConfig
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -142,10 +140,6 @@ class OnlineTRLMixin:
                                  "policy (whose reference is its own base) drop sync_ref_model")
             self.add_callback(SyncRefModelCallback(self.ref_model, args.ref_model_mixup_alpha,
                                                    args.ref_model_sync_steps))
-        if args.num_generations_eval is not None and args.num_generations_eval != args.num_generations:
-            logger.warning("num_generations_eval=%d: evaluation samples num_generations=%d completions per prompt "
-                           "(its advantages and metrics are per group of num_generations)",
-                           args.num_generations_eval, args.num_generations)
 
     def sampling_params(self, mode: str = "train", round_: int | None = None, refill: int = 0) -> SamplingParams:
         params = super().sampling_params(mode, round_, refill)
@@ -153,14 +147,3 @@ class OnlineTRLMixin:
         if not extra:
             return params
         return dataclasses.replace(params, **{_SAMPLING_KEYS[k]: v for k, v in extra.items()})
-
-    def tokenize_row(self, row: dict, info: Any) -> dict:
-        kwargs = self.args.chat_template_kwargs
-        prompt = row["prompt"]
-        if not kwargs or not (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
-            return super().tokenize_row(row, info)
-        text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False, **kwargs)
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        limit = self.args.max_prompt_length
-        truncated = limit is not None and len(ids) > limit
-        return {**row, "prompt_ids": ids[-limit:] if truncated else ids, "prompt_truncated": truncated}

@@ -123,12 +123,14 @@ class GRPOTrainer(OnlineTRLMixin, OnlineTrainer):
         """Each completion's reward relative to its group (completions without a reward: advantage 0); with
         ``multi_objective_aggregation='normalize_then_sum'`` each reward function is normalized on its own first."""
         args: GRPOConfig = self.args
-        rewards = scored.rewards
+        rewards, group = scored.rewards, scored.group_size
+        if group < 2:  # an evaluation with num_generations_eval=1: no group to compare with
+            return torch.zeros(len(scored)), {}
         if args.multi_objective_aggregation == "normalize_then_sum" and rewards.per_func.shape[1] > 1:
             weights = torch.as_tensor(rewards.weights, dtype=torch.float32)
-            return normalize_then_sum_advantages(rewards.per_func, weights, args.num_generations,
+            return normalize_then_sum_advantages(rewards.per_func, weights, group,
                                                  valid=rewards.valid), {}
-        adv, _ = group_relative_advantages(rewards.total, args.num_generations, args.scale_rewards, valid=rewards.valid)
+        adv, _ = group_relative_advantages(rewards.total, group, args.scale_rewards, valid=rewards.valid)
         return adv, {}
 
     def policy_loss(self, logps: torch.Tensor, batch: RolloutBatch,

@@ -120,7 +120,9 @@ class RLOOTrainer(OnlineTRLMixin, OnlineTrainer):
             metrics["kl/sequence_mean"] = float(kl.mean())
             rewards = rewards - args.beta * kl
             metrics["reward_with_kl"] = float(rewards.mean())
-        adv = rloo_advantages(rewards.cpu(), args.num_generations, valid=scored.rewards.valid)
+        if scored.group_size < 2:  # an evaluation with num_generations_eval=1: no leave-one-out baseline
+            return torch.zeros(len(scored)), metrics
+        adv = rloo_advantages(rewards.cpu(), scored.group_size, valid=scored.rewards.valid)
         if args.normalize_advantages:
             adv = normalize_advantages(adv)
         return adv, metrics
