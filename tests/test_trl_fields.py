@@ -122,6 +122,21 @@ def test_sft_packing_strategies_and_truncation_mode(tmp_path) -> None:
     assert start.train_dataset[0]["input_ids"] == full[:8] and end.train_dataset[0]["input_ids"] == full[-8:]
 
 
+@pytest.mark.parametrize("padding_free", [True, False], ids=["padding-free", "padded"])
+def test_sft_pad_to_multiple_of_rounds_the_batch_and_leaves_the_loss(tmp_path, padding_free) -> None:
+    rows = [{"prompt": f"{i} + {i} =", "completion": f" {2 * i} " * (i + 1)} for i in range(4)]
+    losses = []
+    for multiple in (None, 64):
+        trainer, _ = _sft(tmp_path, rows, padding_free=padding_free, pad_to_multiple_of=multiple,
+                          per_device_train_batch_size=4)
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        width = batch["input_ids"].shape[1]
+        assert width % 64 == 0 if multiple else width % 64 != 0
+        with torch.no_grad():
+            losses.append(float(trainer.compute_loss(trainer.model, batch)))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
 def test_sft_eval_packing_and_dataset_kwargs(tmp_path) -> None:
     rows = [{"text": "hello world " * 3} for _ in range(6)]
     model, tok = build_tiny("nano")

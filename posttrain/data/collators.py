@@ -142,12 +142,18 @@ class PaddingFreeCollator:
 
     Rows that are already packed (with `position_ids` and `seq_lens`, from `pack_dataset`) keep their
     sequences. With `block_mask=True` an explicit `[1, 1, T, T]` block-diagonal causal `attention_mask` is
-    added, for forwards that cannot pass `use_cache=False` (see the module docstring).
+    added, for forwards that cannot pass `use_cache=False` (see the module docstring). With
+    `pad_to_multiple_of`, `T` is rounded up by a trailing segment of `pad_token_id` tokens that is a sequence of
+    its own (positions from 0, every other per-token field 0, `labels` -100): nothing attends to it and it is in
+    no loss.
     """
 
-    def __init__(self, block_mask: bool = False, mask_dtype: torch.dtype = torch.float32):
+    def __init__(self, block_mask: bool = False, mask_dtype: torch.dtype = torch.float32,
+                 pad_to_multiple_of: int | None = None, pad_token_id: int = 0):
         self.block_mask = block_mask
         self.mask_dtype = mask_dtype
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id = pad_token_id
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         _check_rows(rows)
@@ -158,12 +164,19 @@ class PaddingFreeCollator:
             if sum(lens) != len(r["input_ids"]):
                 raise ValueError(f"seq_lens {lens} do not add up to the row's {len(r['input_ids'])} tokens")
             seq_lens.extend(lens)
+        total, m = sum(seq_lens), self.pad_to_multiple_of
+        pad = (-total % m) if m else 0
         starts = [0, *accumulate(seq_lens)][:-1]
         out: dict[str, Any] = {}
         for key in keys:
             values = [x for r in rows for x in _as_list(r[key])]
             _mark_sequence_starts(values, key, starts)
+            if pad:
+                fill = self.pad_token_id if key == "input_ids" else -100 if key == "labels" else 0
+                values = values + [fill] * pad
             out[key] = torch.tensor([values])
+        if pad:
+            seq_lens.append(pad)
         out["position_ids"] = torch.tensor([packed_position_ids(seq_lens)])
         out["seq_lens"] = seq_lens
         if self.block_mask:

@@ -3,7 +3,8 @@
 Behaviour fields (`OnlineTRLFields`, applied by `OnlineTRLMixin`): ``generation_kwargs`` (sampling settings
 merged over the config's; ``chat_template_kwargs`` is `OnlineConfig`'s own),
 ``shuffle_dataset`` (the prompt order of each epoch), ``disable_dropout``, ``sync_ref_model`` (TR-DPO: the
-reference moves toward the policy every ``ref_model_sync_steps``), ``pad_to_multiple_of`` and
+reference moves toward the policy every ``ref_model_sync_steps``), ``pad_to_multiple_of`` (warned about: rollout
+batches are not rounded) and
 ``num_generations_eval`` (completions per prompt at evaluation). ``vllm_server_host`` / ``vllm_server_port``
 make the server URL when ``vllm_server_base_url`` is not given.
 
@@ -134,6 +135,10 @@ class OnlineTRLMixin:
 
     def _setup_online_trl(self) -> None:
         args = self.args
+        if args.pad_to_multiple_of is not None:  # 'auto' resolves to None: only a number set by the user warns
+            logger.warning("%s: pad_to_multiple_of=%d has no effect here: rollout batches are padded to their "
+                           "longest sequence (rounding is a speed setting for accelerators; results would not "
+                           "change)", type(self).__name__, args.pad_to_multiple_of)
         if args.sync_ref_model:
             if self.ref_model is None:
                 raise ValueError("sync_ref_model needs a separate reference model: set beta != 0, and with a PEFT "

@@ -279,7 +279,7 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
     def make_collator(self) -> Any:
         pad_id = self.tokenizer.pad_token_id
         if self.args.padding_free or self.args.packing:
-            return PaddingFreeCollator()
+            return PaddingFreeCollator(pad_to_multiple_of=self.args.pad_to_multiple_of, pad_token_id=pad_id)
         return PaddingCollator(pad_token_id=pad_id, pad_to_multiple_of=self.args.pad_to_multiple_of)
 
     # ------------------------------------------------------------------------------------------ loss
