@@ -118,6 +118,6 @@ def test_minillm_student_learns_the_task(task_splits, teacher):
         args = MiniLLMConfig(**base_args(max_steps=STEPS, per_device_train_batch_size=16, learning_rate=3e-3,
                                          num_generations=4, max_completion_length=48, logging_steps=STEPS,
                                          log_completions=False))
-        return MiniLLMTrainer(student, model, args, train_dataset=task_splits["train"], processing_class=tok)
+        return MiniLLMTrainer(student, model, args=args, train_dataset=task_splits["train"], processing_class=tok)
 
     _run(make, task_splits, acc, "MiniLLM (single-step reverse KL)", min_gain=0.05)

@@ -38,7 +38,7 @@ def _scored(trainer, n_prompts=2):
 
 def test_teacher_log_probs_are_the_score_stage_tensor_reward():
     student, teacher, tok = student_and_teacher()
-    trainer = MiniLLMTrainer(student, teacher, _args(kd_temperature=1.7),
+    trainer = MiniLLMTrainer(student, teacher, args=_args(kd_temperature=1.7),
                              train_dataset=ArithmeticTask(digits=2).prompt_only(8), processing_class=tok)
     scored = _scored(trainer)
     got = scored.scores["teacher_logps"]
@@ -50,7 +50,7 @@ def test_teacher_log_probs_are_the_score_stage_tensor_reward():
 
 def test_single_step_term_is_the_full_logits_reverse_kl():
     student, teacher, tok = student_and_teacher()
-    trainer = MiniLLMTrainer(student, teacher, _args(), train_dataset=ArithmeticTask(digits=2).prompt_only(8),
+    trainer = MiniLLMTrainer(student, teacher, args=_args(), train_dataset=ArithmeticTask(digits=2).prompt_only(8),
                              processing_class=tok)
     trainer.model.train()
     batch = trainer.prepare(_scored(trainer), "train")
@@ -74,8 +74,8 @@ def test_extra_rewards_enter_the_advantages():
     student, teacher, tok = student_and_teacher()
     args = _args(gamma=1.0, single_step_decomposition=False)
     data = ArithmeticTask(digits=2).prompt_only(8)
-    plain = MiniLLMTrainer(student, teacher, args, train_dataset=data, processing_class=tok)
-    with_reward = MiniLLMTrainer(student, teacher, args, train_dataset=data, processing_class=tok,
+    plain = MiniLLMTrainer(student, teacher, args=args, train_dataset=data, processing_class=tok)
+    with_reward = MiniLLMTrainer(student, teacher, args=args, train_dataset=data, processing_class=tok,
                                  reward_funcs=digit_share)
     a = plain.prepare(_scored(plain), "train")
     b = with_reward.prepare(_scored(with_reward), "train")

@@ -2,8 +2,9 @@
 
 Runs in a TRL virtual environment (posttrain never imports trl; the parity test reads the checked-in JSON):
 
-    /path/to/trl-1.16-venv/bin/python benchmarks/peers/trl_names.py              # SFT ... ORPO from TRL 1.16
-    /path/to/trl-1.12-venv/bin/python benchmarks/peers/trl_names.py --trl112     # adds BCO and PRM (TRL 1.12)
+    /path/to/trl-1.16-venv/bin/python benchmarks/peers/trl_names.py              # SFT ... AsyncGRPO from TRL 1.16
+    /path/to/trl-1.12-venv/bin/python benchmarks/peers/trl_names.py --trl112     # adds BCO, PRM, PPO, Nash-MD,
+                                                                                 # XPO, MiniLLM (TRL 1.12)
 
 For each trainer it records the config fields TRL adds on top of `transformers.TrainingArguments` (with the
 default's repr, or null where it comes from a factory), the TrainingArguments defaults TRL's config overrides,
@@ -30,10 +31,18 @@ TRL116 = {
     "RLOO": ("trl", "RLOOConfig", "RLOOTrainer"),
     "CPO": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
     "ORPO": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+    "Distillation": ("trl", "DistillationConfig", "DistillationTrainer"),
+    "OnlineDPO": ("trl.experimental.online_dpo", "OnlineDPOConfig", "OnlineDPOTrainer"),
+    "GKD": ("trl.experimental.gkd", "GKDConfig", "GKDTrainer"),
+    "AsyncGRPO": ("trl.experimental.async_grpo", "AsyncGRPOConfig", "AsyncGRPOTrainer"),
 }
 TRL112 = {  # trainers TRL 1.16 no longer ships under these names
     "BCO": ("trl.experimental.bco", "BCOConfig", "BCOTrainer"),
     "PRM": ("trl.experimental.prm", "PRMConfig", "PRMTrainer"),
+    "PPO": ("trl.experimental.ppo", "PPOConfig", "PPOTrainer"),
+    "NashMD": ("trl.experimental.nash_md", "NashMDConfig", "NashMDTrainer"),
+    "XPO": ("trl.experimental.xpo", "XPOConfig", "XPOTrainer"),
+    "MiniLLM": ("trl.experimental.minillm", "MiniLLMConfig", "MiniLLMTrainer"),
 }
 
 
@@ -59,7 +68,7 @@ def describe(module: str, config: str, trainer: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trl112", action="store_true", help="add BCO and PRM (run in a TRL 1.12 venv)")
+    parser.add_argument("--trl112", action="store_true", help="add the trainers only TRL 1.12 has (run in a TRL 1.12 venv)")
     parser.add_argument("--out", default=OUT)
     opts = parser.parse_args()
     import trl

@@ -34,6 +34,7 @@ from ..online.logprobs import batched_completion_logps, completion_divergence
 from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
 from ._online import OnlineTrainer
+from ._online_trl import OnlineTRLMixin
 from ._teacher import TeacherArgs, attach_teacher
 
 __all__ = ["TeacherArgs", "DistillTrainerBase"]  # TeacherArgs re-exported for the configs
@@ -76,6 +77,8 @@ class DistillTrainerBase(OnlineTrainer):
                          callbacks=callbacks, optimizers=optimizers, engine=engine, compute_metrics=compute_metrics,
                          preprocess_logits_for_metrics=preprocess_logits_for_metrics, **kwargs)
         attach_teacher(self, teacher_model)
+        if isinstance(self, OnlineTRLMixin):  # DistillationTrainer: TRL 1.16's shared online fields
+            self._setup_online_trl()
         self._teacher_engine: HFEngine | None = None
         self._last_source = "student"
         self._prepare_mode = "train"

@@ -27,6 +27,7 @@ from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
 from ._online import OnlineTrainer
 from ._online_config import OnlineConfig
+from ._online_trl import OnlineTRLFields, OnlineTRLMixin
 
 __all__ = ["OnlinePreferenceConfig", "OnlinePreferenceTrainer", "epoch_value"]
 
@@ -53,7 +54,7 @@ def _per_epoch(name: str, value: Any, low: float = 0.0, high: float | None = Non
 
 
 @dataclass
-class OnlinePreferenceConfig(OnlineConfig):
+class OnlinePreferenceConfig(OnlineTRLFields, OnlineConfig):
     """Fields shared by `OnlineDPOConfig`, `XPOConfig` and `NashMDConfig` (TRL's names and defaults)."""
 
     num_generations: int = field(default=2, metadata={"help": "Completions sampled per prompt (a pair)."})
@@ -74,6 +75,7 @@ class OnlinePreferenceConfig(OnlineConfig):
         self.beta = _per_epoch("beta", self.beta)
         if self.max_new_tokens is not None:
             self.max_completion_length = self.max_new_tokens
+        self._resolve_online_trl_fields()
         super().__post_init__()
         self.max_new_tokens = self.max_completion_length
         if self.loss_type not in ("sigmoid", "ipo"):
@@ -86,9 +88,9 @@ class OnlinePreferenceConfig(OnlineConfig):
                              "completions, or a preference pair would be split over micro-batches")
 
 
-class OnlinePreferenceTrainer(OnlineTrainer):
-    """Base of the online preference trainers: ``(model, ref_model=None, reward_funcs=None, judge=None, args,
-    train_dataset, eval_dataset, processing_class, reward_processing_classes, peft_config, ...)``.
+class OnlinePreferenceTrainer(OnlineTRLMixin, OnlineTrainer):
+    """Base of the online preference trainers: ``(model, ref_model=None, reward_funcs=None, args, data_collator,
+    train_dataset, eval_dataset, processing_class, reward_processing_classes, peft_config, ..., judge=None)``.
 
     Exactly one of ``judge`` (a `BasePairwiseJudge` or `BaseRankJudge`) and ``reward_funcs`` (reward
     functions, reward models or their paths; ``reward_model=`` is TRL's older name) ranks the completions.
@@ -97,11 +99,13 @@ class OnlinePreferenceTrainer(OnlineTrainer):
     config_class: ClassVar = OnlinePreferenceConfig
     _tag_names: ClassVar = ["posttrain", "online-preference"]
 
-    def __init__(self, model: Any, ref_model: Any = None, reward_funcs: Any = None, judge: Any = None,
-                 args: OnlinePreferenceConfig | None = None, train_dataset: Any = None, eval_dataset: Any = None,
-                 processing_class: Any = None, reward_processing_classes: Any = None, peft_config: Any = None,
-                 callbacks: list | None = None, optimizers: tuple = (None, None), *, reward_model: Any = None,
-                 data_collator: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: Any, ref_model: Any = None, reward_funcs: Any = None,
+                 args: OnlinePreferenceConfig | None = None, data_collator: Any = None, train_dataset: Any = None,
+                 eval_dataset: Any = None, processing_class: Any = None, reward_processing_classes: Any = None,
+                 peft_config: Any = None, compute_metrics: Any = None, callbacks: list | None = None,
+                 optimizers: tuple = (None, None), preprocess_logits_for_metrics: Any = None, *,
+                 judge: Any = None, reward_model: Any = None, **kwargs: Any) -> None:
+        """TRL's parameters in TRL's order; ``judge`` and ``reward_model`` (TRL's older names) by keyword."""
         if data_collator is not None:
             raise ValueError(f"{type(self).__name__} collates prompts itself; drop data_collator=")
         if reward_model is not None:
@@ -118,7 +122,10 @@ class OnlinePreferenceTrainer(OnlineTrainer):
         self.judge = judge
         self._second_engine: MixtureEngine | None = None
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class,
-                         reward_processing_classes, peft_config, callbacks, optimizers, ref_model=ref_model, **kwargs)
+                         reward_processing_classes, peft_config, callbacks, optimizers, ref_model=ref_model,
+                         compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                         **kwargs)
+        self._setup_online_trl()
 
     # ------------------------------------------------------------------------------ loop hooks
     @property

@@ -30,6 +30,9 @@ class AsyncGRPOConfig(GRPOConfig):
 
     async_generation: bool = field(default=True, metadata={"help": (
         "Generate in a rollout worker ahead of training (always on for async_grpo; False runs plain GRPO).")})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps (TRL's AsyncGRPOConfig: 1)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": (
+        "Learning-rate schedule (TRL's AsyncGRPOConfig: constant).")})
 
 
 class AsyncGRPOTrainer(GRPOTrainer):

@@ -15,13 +15,14 @@ from typing import ClassVar
 
 from ._distill import DistillTrainerBase, TeacherArgs
 from ._online_config import OnlineConfig
+from ._online_trl import OnlineTRLFields, OnlineTRLMixin
 from .registry import register_method
 
 __all__ = ["DistillationConfig", "DistillationTrainer"]
 
 
 @dataclass
-class DistillationConfig(TeacherArgs, OnlineConfig):
+class DistillationConfig(TeacherArgs, OnlineTRLFields, OnlineConfig):
     """Configuration of `DistillationTrainer` (TRL 1.16's DistillationConfig fields and defaults)."""
 
     beta: float = field(default=1.0, metadata={"help": (
@@ -38,6 +39,7 @@ class DistillationConfig(TeacherArgs, OnlineConfig):
     log_completions: bool = field(default=False, metadata={"help": "Print and report a table of sample completions."})
 
     def __post_init__(self) -> None:
+        self._resolve_online_trl_fields()
         super().__post_init__()
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0.0, 1.0], got {self.beta}")
@@ -46,7 +48,7 @@ class DistillationConfig(TeacherArgs, OnlineConfig):
                                               "revision": self.teacher_model_revision}
 
 
-class DistillationTrainer(DistillTrainerBase):
+class DistillationTrainer(OnlineTRLMixin, DistillTrainerBase):
     """On-policy distillation: ``DistillationTrainer(model, teacher_model, args, train_dataset, eval_dataset,
     processing_class, callbacks, optimizers, quantization_config, peft_config)`` as in TRL 1.16. Prompts only
     are read (a dataset's completions are ignored)."""

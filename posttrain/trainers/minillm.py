@@ -64,26 +64,26 @@ class MiniLLMConfig(TeacherArgs, GRPOConfig):
 
 
 class MiniLLMTrainer(GRPOTrainer):
-    """MiniLLM: ``MiniLLMTrainer(model, teacher_model, args, data_collator=None, train_dataset, eval_dataset,
-    processing_class, reward_processing_classes, callbacks, optimizers, peft_config, rollout_func=None,
-    reward_funcs=None)`` as in TRL. ``reward_funcs`` are optional extra rewards (verifiable rewards, as in
+    """MiniLLM: ``MiniLLMTrainer(model, teacher_model, reward_funcs=None, args, train_dataset, eval_dataset,
+    processing_class, reward_processing_classes, callbacks, optimizers, peft_config, rollout_func=None)`` as in
+    TRL 1.12. ``reward_funcs`` are optional extra rewards (verifiable rewards, as in
     GRPO); without them the teacher is the only signal."""
 
     config_class: ClassVar = MiniLLMConfig
     requires_reward_funcs: ClassVar = False
     _tag_names: ClassVar = ["posttrain", "minillm"]
 
-    def __init__(self, model: Any = None, teacher_model: Any = None, args: MiniLLMConfig | None = None,
-                 data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+    def __init__(self, model: Any = None, teacher_model: Any = None, reward_funcs: Any = None,
+                 args: MiniLLMConfig | None = None, train_dataset: Any = None, eval_dataset: Any = None,
                  processing_class: Any = None, reward_processing_classes: Any = None, callbacks: list | None = None,
-                 optimizers: tuple = (None, None), peft_config: Any = None, rollout_func: Any = None,
-                 reward_funcs: Any = None, engine: Any = None, **kwargs: Any) -> None:
+                 optimizers: tuple = (None, None), peft_config: Any = None, rollout_func: Any = None, *,
+                 data_collator: Any = None, engine: Any = None, **kwargs: Any) -> None:
         if data_collator is not None or rollout_func is not None:
             raise ValueError("MiniLLMTrainer samples through its rollout engine and builds its own batches: drop "
                              "data_collator= / rollout_func= (pass engine= for a custom RolloutEngine)")
-        super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class,
-                         reward_processing_classes, peft_config, callbacks=callbacks, optimizers=optimizers,
-                         engine=engine, **kwargs)
+        super().__init__(model, reward_funcs, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, reward_processing_classes=reward_processing_classes,
+                         peft_config=peft_config, callbacks=callbacks, optimizers=optimizers, engine=engine, **kwargs)
         attach_teacher(self, teacher_model)
 
     @property
