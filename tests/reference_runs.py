@@ -48,7 +48,8 @@ def run(name: str) -> list[dict]:
     data = ArithmeticTask(digits=2).prompt_only(96)
     if name == "grpo":
         from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer
-        args = GRPOConfig(**_common(beta=0.04, num_iterations=2, loss_type="dapo"))
+        # recorded with the plain k3 KL: TRL 1.16's bias-corrected KL (now the default) changes its gradient
+        args = GRPOConfig(**_common(beta=0.04, num_iterations=2, loss_type="dapo", use_bias_correction_kl=False))
         trainer = GRPOTrainer(model, text_length, args, train_dataset=data, processing_class=tok)
     elif name == "grpo_skip":
         from posttrain.trainers.grpo import GRPOConfig, GRPOTrainer

@@ -145,8 +145,10 @@ def test_preference_trainers_refuse_compute_metrics_up_front(tmp_path, task, tra
 
 
 def test_online_trainers_refuse_compute_metrics(tmp_path, task):
+    """GRPOTrainer has TRL's explicit signature, which has no metrics hooks: passing one is a TypeError (as in
+    TRL), never silently ignored."""
     args = GRPOConfig(output_dir=str(tmp_path / "g"), num_generations=4, per_device_train_batch_size=8,
                       report_to="none", disable_tqdm=True)
-    with pytest.raises(ValueError, match="GRPOTrainer does not take preprocess_logits_for_metrics"):
+    with pytest.raises(TypeError, match="preprocess_logits_for_metrics"):
         GRPOTrainer("tiny:nano", digit_share, args, train_dataset=task.prompt_only(8),
                     preprocess_logits_for_metrics=lambda logits, labels: logits)
