@@ -11,51 +11,23 @@ epoch; everything else is TRL's default (on a CPU its `bf16=True` default runs a
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import resource
 import tempfile
-import time
+
+from _peer import exported, time_epoch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-
-    import torch
+    _, settings, rows, model, tokenizer = exported(__doc__.split("\n\n")[0])
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = json.load(open(os.path.join(args.folder, "settings.json")))
-    rows = [json.loads(line) for line in open(os.path.join(args.folder, "rows.jsonl"))]
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(args.folder, "model"), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(args.folder, "model"))
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-sft-"), per_device_train_batch_size=settings["batch_size"],
         max_length=settings["max_length"], num_train_epochs=1, assistant_only_loss=settings["assistant_only_loss"],
         save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, use_cpu=True,
-        **settings.get("peer_overrides", {}),
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    real_tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    print(json.dumps({
-        "trl": __import__("trl").__version__,
-        "real tokens": real_tokens,
-        "epoch wall time (s)": round(wall, 2),
-        "real tokens/s": real_tokens / wall,
-        "peak RSS (GB)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-        "bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing,
-        "torch threads": torch.get_num_threads(),
-    }, indent=2))
+    time_epoch(trainer, sum(len(ids) for ids in trainer.train_dataset["input_ids"]), config)
 
 
 if __name__ == "__main__":
