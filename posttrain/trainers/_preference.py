@@ -185,19 +185,16 @@ def sequence_logps(
     token_lp = values.new_zeros(n_seq, width).index_put((seq, pos), values)
     token_mask = torch.zeros(n_seq, width, dtype=torch.bool, device=values.device)
     token_mask[seq, pos] = True
-    logits_mean = None
-    if with_logits_mean and out.hidden is not None:
-        with torch.no_grad():
-            weight, bias = output_head(model)
-            w_mean = weight.float().mean(0)
-            rows = out.hidden[:, :-1][mask[:, 1:]].float()  # hidden state predicting each scored token
-            tok_mean = rows @ w_mean + (bias.float().mean() if bias is not None else 0.0)
-            logits_mean = torch.zeros(n_seq, device=values.device).index_add(0, seq, tok_mean)
-            logits_mean = logits_mean / lengths.clamp(min=1)
-    log_sum_sq = None
-    if with_log_sum_sq:
+    logits_mean = log_sum_sq = None
+    if out.hidden is not None and (with_logits_mean or with_log_sum_sq):
         weight, bias = output_head(model)
-        rows = out.hidden[:, :-1][mask[:, 1:]]  # hidden state predicting each scored token
-        per_token = log_sum_sq_probs(rows, weight, bias, temperature=temperature, chunk_size=chunk_size)
-        log_sum_sq = per_token.new_zeros(n_seq, width).index_put((seq, pos), per_token)
+        with torch.no_grad():
+            rows = out.hidden[:, :-1][mask[:, 1:]]  # hidden state predicting each scored token
+            if with_logits_mean:
+                tok_mean = rows.float() @ weight.float().mean(0) + (bias.float().mean() if bias is not None else 0.0)
+                logits_mean = torch.zeros(n_seq, device=values.device).index_add(0, seq, tok_mean)
+                logits_mean = logits_mean / lengths.clamp(min=1)
+            if with_log_sum_sq:
+                per_token = log_sum_sq_probs(rows, weight, bias, temperature=temperature, chunk_size=chunk_size)
+                log_sum_sq = per_token.new_zeros(n_seq, width).index_put((seq, pos), per_token)
     return SequenceLogps(token_lp.sum(-1), lengths, token_lp, token_mask, logits_mean, log_sum_sq)
