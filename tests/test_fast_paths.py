@@ -12,7 +12,10 @@ from transformers import TrainerCallback
 from posttrain import SFTConfig, SFTTrainer
 from posttrain.models import build_tiny
 from posttrain.ops import fast_paths, logprobs, packed_linear
-from posttrain.ops.fast_paths import cpu_bf16_is_fast, cpu_fast_paths, cpu_has_native_bf16, fast_paths_enabled
+from posttrain.ops.divergences import chunked_divergence
+from posttrain.ops.fast_paths import (cpu_bf16_is_fast, cpu_fast_paths, cpu_has_native_bf16, fast_paths_enabled,
+                                      head_matmul_dtype, head_precision)
+from posttrain.ops.logprobs import selective_log_softmax
 from posttrain.ops.forward import token_logps
 from posttrain.online import decode_loop
 from posttrain.trainers import base
@@ -147,15 +150,16 @@ def test_trainer_runs_inside_its_cpu_fast_paths_setting(tmp_path):
 
 
 def test_bf16_mixed_precision_logps_and_gradients_stay_close_to_float32():
-    """bf16 autocast (what `bf16=True` runs on a CPU): the decoder's matmuls in bf16, the head and log-softmax
-    in float32. Per-token log-probs within 0.1 nats of float32 and the gradient pointing the same way
+    """bf16 autocast and bf16 head products (what `bf16=True` runs): the decoder's and the head's matmuls in bf16,
+    the log-softmax in float32. Per-token log-probs within 0.1 nats of float32 and the gradient pointing the same way
     (cosine > 0.99): the tolerance the mixed-precision default is held to."""
     model, tok = build_tiny("small", seed=0)
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog " * 3).input_ids])
 
     def run(autocast: bool):
         model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                head_precision(torch.bfloat16 if autocast else None):
             out = token_logps(model, ids)
         loss = -out.logps[:, 1:].mean()
         loss.backward()
@@ -167,3 +171,77 @@ def test_bf16_mixed_precision_logps_and_gradients_stay_close_to_float32():
     assert bf16_logps.dtype == torch.float32
     assert (bf16_logps - fp32_logps).abs().max() < 0.1
     assert torch.nn.functional.cosine_similarity(bf16_grads, fp32_grads, dim=0) > 0.99
+
+
+def _head_case(seed: int = 0, rows: int = 96, hidden: int = 64, vocab: int = 3000):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=gen).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.4).requires_grad_()  # logits of std ~3, as a LM's
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    return h, w, labels
+
+
+@pytest.mark.parametrize("keep_logits", [True, False])
+def test_head_precision_runs_the_head_products_in_bf16_and_the_softmax_in_float32(keep_logits):
+    """Under head_precision(bf16) the log-probs are exactly those of bf16-rounded logits widened to float32 (the
+    products ran in bf16, the softmax did not), within 0.1 nats of float32, and the gradients of the hidden
+    states and the head point the way float32's do (cosine > 0.999), kept-probability and recompute paths alike."""
+    def run(dtype):
+        h, w, labels = _head_case()
+        with head_precision(dtype):
+            logps, ent = selective_log_softmax(h, w, labels, chunk_size=32, with_entropy=True,
+                                               keep_logits=keep_logits)
+        (logps.sum() + 0.1 * ent.sum()).backward()
+        return logps.detach(), h.grad, w.grad
+
+    h, w, labels = _head_case()
+    with torch.no_grad():
+        z = (h.bfloat16() @ w.bfloat16().T).float()
+        reference = torch.log_softmax(z, -1).gather(1, labels[:, None]).squeeze(1)
+    fp32, g_h32, g_w32 = run(None)
+    bf16, g_h16, g_w16 = run(torch.bfloat16)
+    assert bf16.dtype == torch.float32
+    assert torch.allclose(bf16, reference, atol=1e-4)
+    assert 0 < (bf16 - fp32).abs().max() < 0.1
+    for a, b in ((g_h16, g_h32), (g_w16, g_w32)):
+        assert a.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+    assert head_matmul_dtype() is None  # nothing left behind
+
+
+def test_head_precision_applies_to_the_chunked_divergences():
+    hs, ws, _ = _head_case(0)
+    ht, wt, _ = _head_case(1)
+
+    def run(dtype):
+        for x in (hs, ws):
+            x.grad = None
+        with head_precision(dtype):
+            div = chunked_divergence(hs, ws, ht.detach(), wt.detach(), kind="jsd", beta=0.5, chunk_size=32)
+        div.sum().backward()
+        return div.detach(), hs.grad.clone(), ws.grad.clone()
+
+    fp32, gh32, gw32 = run(None)
+    bf16, gh16, gw16 = run(torch.bfloat16)
+    assert 0 < (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
+    for a, b in ((gh16, gh32), (gw16, gw32)):
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+    with pytest.raises(ValueError, match="head_precision takes"):
+        with head_precision(torch.float64):
+            pass
+
+
+@pytest.mark.parametrize("fields, expected", [({"bf16": True}, torch.bfloat16), ({"bf16": False}, None)])
+def test_trainers_run_the_head_in_the_mixed_precision_dtype(tmp_path, fields, expected):
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            seen.append(head_matmul_dtype())
+
+    data = Dataset.from_list([{"prompt": "1 + 1 =", "completion": " 2"}] * 4)
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
+                       save_strategy="no", disable_tqdm=True, use_cpu=True, **fields)
+    SFTTrainer(model="tiny:nano", args=config, train_dataset=data, callbacks=[Probe()]).train()
+    assert seen == [expected]
+    assert head_matmul_dtype() is None

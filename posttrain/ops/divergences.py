@@ -24,8 +24,9 @@ chunk's logits. The logit gradients, derived by hand (``z`` are the temperature-
     forward KL:  dJ/dz_S,i = q_i - p_i,   dJ/dz_T,i = p_i (log p_i - log q_i - KL(p || q))
 
 (for JSD the terms from ``m``'s own dependence on ``q`` and ``p`` sum to zero, since ``sum_j m_j = 1``),
-then chained through ``1 / T`` and the head's matmul.
-Only torch is imported here.
+then chained through ``1 / T`` and the head's matmul. Under mixed precision (`fast_paths.head_precision`) both
+heads' products take bf16 inputs with float32 accumulation, as in `posttrain.ops.logprobs`; everything else is
+float32. Only torch is imported here.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ import math
 import torch
 from torch import Tensor
 
+from .fast_paths import head_matmul_dtype
 from .logprobs import _chunk_logits
-from .packed_linear import PackedLinear
+from .packed_linear import PackedLinear, low_precision_mm
 
 __all__ = ["chunked_divergence", "naive_divergence", "DIVERGENCES"]
 
@@ -83,8 +85,9 @@ class _ChunkedDivergence(torch.autograd.Function):
         ws_c, wt_c = ws.to(cdt), wt.to(cdt)
         bs_c = bs.to(cdt) if bs is not None else None
         bt_c = bt.to(cdt) if bt is not None else None
-        n = hs.shape[0]
-        head_s, head_t = PackedLinear(ws_c, min(chunk_size, n), bs_c), PackedLinear(wt_c, min(chunk_size, n), bt_c)
+        n, mdt = hs.shape[0], head_matmul_dtype() if cdt == torch.float32 else None
+        head_s = PackedLinear(ws_c, min(chunk_size, n), bs_c, matmul_dtype=mdt)
+        head_t = PackedLinear(wt_c, min(chunk_size, n), bt_c, matmul_dtype=mdt)
         out = hs.new_empty(n, dtype=cdt)
         lse_s = hs.new_empty(n, dtype=cdt)
         lse_t = hs.new_empty(n, dtype=cdt)
@@ -96,13 +99,13 @@ class _ChunkedDivergence(torch.autograd.Function):
             ls, lt = zs.sub_(lse_s[s:e, None]), zt.sub_(lse_t[s:e, None])
             out[s:e] = _rowwise(ls, lt, kind, beta)
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, lse_s, lse_t)
-        ctx.cfg = (kind, beta, temperature, chunk_size)
+        ctx.cfg = (kind, beta, temperature, chunk_size, mdt)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         hs, ws, bs, ht, wt, bt, lse_s, lse_t = ctx.saved_tensors
-        kind, beta, temperature, chunk_size = ctx.cfg
+        kind, beta, temperature, chunk_size, mdt = ctx.cfg
         need = ctx.needs_input_grad
         cdt = lse_s.dtype
         ws_c, wt_c = ws.to(cdt), wt.to(cdt)
@@ -114,7 +117,9 @@ class _ChunkedDivergence(torch.autograd.Function):
                 grads[i] = (torch.empty if i in (0, 3) else torch.zeros)(x.shape, dtype=cdt, device=x.device)
         need_s, need_t = any(need[0:3]), any(need[3:6])
         rows = min(chunk_size, hs.shape[0])
-        head_s, head_t = PackedLinear(ws_c, rows, bs_c), PackedLinear(wt_c, rows, bt_c)
+        head_s = PackedLinear(ws_c, rows, bs_c, matmul_dtype=mdt)
+        head_t = PackedLinear(wt_c, rows, bt_c, matmul_dtype=mdt)
+        ws_m, wt_m = (ws_c.to(mdt), wt_c.to(mdt)) if mdt is not None else (ws_c, wt_c)
         for s in range(0, hs.shape[0], chunk_size):
             e = min(s + chunk_size, hs.shape[0])
             ls = _chunk_logits(hs[s:e], head_s, temperature).sub_(lse_s[s:e, None])
@@ -131,14 +136,16 @@ class _ChunkedDivergence(torch.autograd.Function):
                 gs = _side_grad(ls, lm, 1.0 - beta) if need_s else None
                 gt = _side_grad(lt, lm, beta) if need_t else None
             scale = g[s:e, None].to(cdt) / temperature
-            for gz, (hi, wi, bi), (h, w_c) in ((gs, (0, 1, 2), (hs, ws_c)), (gt, (3, 4, 5), (ht, wt_c))):
+            for gz, (hi, wi, bi), (h, w_m) in ((gs, (0, 1, 2), (hs, ws_m)), (gt, (3, 4, 5), (ht, wt_m))):
                 if gz is None:
                     continue
                 gz = gz.mul_(scale)
                 if need[hi]:
-                    grads[hi][s:e] = gz @ w_c
-                if need[wi]:
+                    grads[hi][s:e] = low_precision_mm(gz, w_m, mdt)
+                if need[wi] and mdt is None:
                     grads[wi].addmm_(gz.T, h[s:e].to(cdt))
+                elif need[wi]:
+                    grads[wi] += low_precision_mm(gz.T, h[s:e].to(cdt), mdt)
                 if need[bi]:
                     grads[bi] += gz.sum(0)
         for i, x in enumerate((hs, ws, bs, ht, wt, bt)):

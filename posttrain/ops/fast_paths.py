@@ -11,6 +11,12 @@ outside any block the paths are on.
 `cpu_bf16_is_fast()` answers once per process whether bf16 matrix products beat float32 here: only CPUs with
 native bf16 dot products (AVX512_BF16 or AMX) can, and on those it times both dtypes on the same product to be
 sure. On AVX2-only CPUs bf16 is emulated and several times slower, so no probe is run there.
+
+`head_precision(dtype)` sets the dtype the output head's matrix products run in (the chunked log-softmax and
+divergences, forward and backward): under mixed precision (``bf16=True``) the trainers enter it with bf16, so
+the head, the largest matmul of a small model, runs at the bf16 rate too; the products' inputs are cast, the
+logits come back in float32 and every softmax, log-sum-exp and loss sum stays in float32. ``None`` (outside any
+block, and with ``cast_lm_head_to_fp32``) keeps the products in float32.
 Only torch is imported here (see docs/internals.md).
 """
 
@@ -24,9 +30,11 @@ from contextvars import ContextVar
 
 import torch
 
-__all__ = ["cpu_fast_paths", "fast_paths_enabled", "cpu_bf16_is_fast", "cpu_has_native_bf16"]
+__all__ = ["cpu_fast_paths", "fast_paths_enabled", "cpu_bf16_is_fast", "cpu_has_native_bf16", "head_precision",
+           "head_matmul_dtype"]
 
 _ENABLED: ContextVar[bool] = ContextVar("posttrain_cpu_fast_paths", default=True)
+_HEAD_DTYPE: ContextVar[torch.dtype | None] = ContextVar("posttrain_head_matmul_dtype", default=None)
 
 # bf16 must beat float32 by this much on the probe to be chosen: mixed precision costs casts and fp32 heads.
 _BF16_MIN_SPEEDUP = 1.3
@@ -45,6 +53,23 @@ def cpu_fast_paths(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _ENABLED.reset(token)
+
+
+def head_matmul_dtype() -> torch.dtype | None:
+    """The dtype the output head's products run in here (None: the inputs' own float32/float64)."""
+    return _HEAD_DTYPE.get()
+
+
+@contextmanager
+def head_precision(dtype: torch.dtype | None) -> Iterator[None]:
+    """Run the output head's products in ``dtype`` (bf16 or fp16; None for float32) inside the block."""
+    if dtype not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"head_precision takes torch.bfloat16, torch.float16 or None, not {dtype}")
+    token = _HEAD_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _HEAD_DTYPE.reset(token)
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

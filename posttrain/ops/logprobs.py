@@ -19,9 +19,12 @@ vocabularies) recompute. The chunks' logits come from a head packed once per cal
 22.7 ms, and a GRPO training step's forward and backward took 1.40 s against 1.59 s, medians of 4
 interleaved runs).
 
-All arithmetic is in float32 (float64 for float64 inputs) whatever the input dtype: bf16 logits lose
-~2 decimal digits, enough to bias importance ratios in RL. Outputs are float32 (float64 for float64
-inputs); gradients come back in each input's dtype.
+All softmax, log-sum-exp and gradient arithmetic is in float32 (float64 for float64 inputs) whatever the input
+dtype. The head's matrix products are float32 too, except under mixed precision
+(`posttrain.ops.fast_paths.head_precision`, entered by the trainers with ``bf16=True``): they then take bf16
+inputs with float32 accumulation and the logits are widened to float32 before any softmax, so the log-probs
+carry only the logits' bf16 rounding (tests/test_fast_paths.py holds them within 0.1 nats of float32). Outputs
+are float32 (float64 for float64 inputs); gradients come back in each input's dtype.
 Only torch is imported here (see docs/internals.md).
 """
 
@@ -30,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fast_paths import fast_paths_enabled
-from .packed_linear import PackedLinear
+from .fast_paths import fast_paths_enabled, head_matmul_dtype
+from .packed_linear import PackedLinear, low_precision_mm
 
 __all__ = ["selective_log_softmax", "selective_log_softmax_ext", "argmax_tokens", "naive_log_softmax",
            "release_kept_buffers", "log_sum_sq_probs"]
@@ -150,8 +153,10 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
                 chunk_size: int, with_entropy: bool, with_argmax: bool, keep_logits: bool):
         n, cdt = hidden.shape[0], _compute_dtype(hidden, weight, bias)
+        mdt = head_matmul_dtype() if cdt == torch.float32 else None
         weight_c = weight.to(cdt)
-        head = PackedLinear(weight_c, min(chunk_size, n), bias.to(cdt) if bias is not None else None)
+        head = PackedLinear(weight_c, min(chunk_size, n), bias.to(cdt) if bias is not None else None,
+                            matmul_dtype=mdt)
         logps = hidden.new_empty(n, dtype=cdt)
         lse = hidden.new_empty(n, dtype=cdt)
         entropy = hidden.new_empty(n if with_entropy else 0, dtype=cdt)
@@ -159,7 +164,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         probs = _take_probs_buffer(hidden, n, weight.shape[0], cdt) if keep_logits else None
         inv_total = hidden.new_empty(n if keep_logits else 0, dtype=cdt)
         # one chunk's logits, reused (a packed head returns its own)
-        block = hidden.new_empty((min(chunk_size, n), weight.shape[0]), dtype=cdt) if head.packed is None else None
+        plain = head.packed is None and head.low is None
+        block = hidden.new_empty((min(chunk_size, n), weight.shape[0]), dtype=cdt) if plain else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             z = _chunk_logits(hidden[s:e], head, temperature, out=block[: e - s] if block is not None else None)
@@ -173,7 +179,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 argmax[s:e] = argmax_c
         del block
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy, inv_total)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.matmul_dtype = temperature, chunk_size, mdt
         ctx.kept_probs = probs  # consumed (overwritten) by the first backward; a second one recomputes
         # An output the loss does not use (the entropy, logged as a metric) gets None, not a zero gradient
         # that would cost the backward pass three more [chunk, V] passes.
@@ -185,8 +191,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     def backward(ctx, g_logp: Tensor | None, g_ent: Tensor | None, _g_argmax):
         hidden, weight, bias, labels, lse, entropy, inv_total = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        t, n, cdt = ctx.temperature, hidden.shape[0], lse.dtype
+        t, n, cdt, mdt = ctx.temperature, hidden.shape[0], lse.dtype, ctx.matmul_dtype
         weight_c = weight.to(cdt)
+        weight_m = weight_c.to(mdt) if mdt is not None else weight_c  # the products' copy, cast once
         bias_c = bias.to(cdt) if bias is not None else None
         if g_ent is not None and g_ent.numel() == 0:
             g_ent = None
@@ -196,7 +203,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         # Recomputing: each chunk's gradient is multiplied out as it is made. Kept: the chunks only turn the
         # probabilities into the gradient in place, then one whole-batch matmul per input follows.
         per_chunk = kept is None
-        head = PackedLinear(weight_c, min(ctx.chunk_size, n), bias_c) if per_chunk else None
+        head = PackedLinear(weight_c, min(ctx.chunk_size, n), bias_c, matmul_dtype=mdt) if per_chunk else None
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h and per_chunk else None
         grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w and per_chunk else None
         grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if need_b and per_chunk else None
@@ -232,9 +239,12 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 gz /= t
             if per_chunk:
                 if need_h:
-                    grad_h[s:e] = (gz @ weight_c).to(hidden.dtype)
+                    grad_h[s:e] = low_precision_mm(gz, weight_m, mdt).to(hidden.dtype)
                 if need_w:
-                    grad_w.addmm_(gz.T, h.to(cdt))
+                    if mdt is None:
+                        grad_w.addmm_(gz.T, h.to(cdt))
+                    else:
+                        grad_w += low_precision_mm(gz.T, h.to(cdt), mdt)
                 if need_b:
                     grad_b += gz.sum(0)
         if not per_chunk:
@@ -242,9 +252,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             # rows of a 32k vocabulary on 2 CPU threads, the input gradient took 137 ms against 166 ms in
             # 128-row chunks; the weight gradient's time was unchanged).
             if need_h:
-                grad_h = (kept @ weight_c).to(hidden.dtype)
+                grad_h = low_precision_mm(kept, weight_m, mdt).to(hidden.dtype)
             if need_w:
-                grad_w = kept.T @ hidden.to(cdt)
+                grad_w = low_precision_mm(kept.T, hidden.to(cdt), mdt)
             if need_b:
                 grad_b = kept.sum(0)
             _return_probs_buffer(kept)

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from .fast_paths import fast_paths_enabled
 
-__all__ = ["PackedLinear", "onednn_linear_available", "MIN_PACKED_ELEMENTS", "MIN_PACKED_PROJECTION_ELEMENTS"]
+__all__ = ["PackedLinear", "onednn_linear_available", "MIN_PACKED_ELEMENTS", "MIN_PACKED_PROJECTION_ELEMENTS",
+           "low_precision_mm"]
 
 MIN_PACKED_ELEMENTS = 1 << 20  # weights below ~4 MiB of float32: MKL's own blocking is as fast, packing is not
 # A decode step's projections (``B`` rows against a ``[out, in]`` weight, packed once per rollout): from about
@@ -57,16 +58,30 @@ def onednn_linear_available() -> bool:
     return out.shape == (5, 96) and torch.allclose(out, rows @ weight.T, rtol=1e-4, atol=1e-4)
 
 
+def low_precision_mm(a: Tensor, b: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``a @ b`` with both inputs cast to ``dtype`` (bf16/fp16: the matmul accumulates in float32) and the product
+    back in ``a``'s dtype; a plain ``a @ b`` when ``dtype`` is None or the inputs are float64 (exact tests)."""
+    if dtype is None or a.dtype == torch.float64:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
+
+
 class PackedLinear:
     """``h -> h W^T (+ b)`` for row blocks ``h [n, H]`` of about ``rows`` rows; ``weight [V, H]`` must not change
     while this object is in use (pack again after an optimizer step)."""
 
     def __init__(self, weight: Tensor, rows: int, bias: Tensor | None = None,
-                 min_elements: int | None = None) -> None:
+                 min_elements: int | None = None, matmul_dtype: torch.dtype | None = None) -> None:
         """Packs ``weight`` when it is a float32 CPU matrix of at least ``min_elements`` (default
-        ``MIN_PACKED_ELEMENTS``) and ``rows`` is at most 1024; otherwise calls multiply as usual."""
+        ``MIN_PACKED_ELEMENTS``) and ``rows`` is at most 1024; otherwise calls multiply as usual. With
+        ``matmul_dtype`` (bf16/fp16, for a float32 weight) the products run in that dtype, from one cast copy
+        of the weight, and the output is float32."""
         self.weight, self.bias = weight, bias
         self.packed: Tensor | None = None
+        self.low: Tensor | None = None
+        if matmul_dtype is not None and weight.dtype == torch.float32:
+            self.low = weight.detach().to(matmul_dtype)
+            return
         if _worth_packing(weight, rows, MIN_PACKED_ELEMENTS if min_elements is None else min_elements):
             with torch.no_grad():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), int(rows))
@@ -75,6 +90,11 @@ class PackedLinear:
         """``[n, H]`` (any float dtype) -> ``[n, V]`` in the weight's dtype. The plain path writes into ``out``
         when given (the packed one returns a new tensor). No autograd through the packed path: call it under
         ``no_grad`` or inside an ``autograd.Function``."""
+        if self.low is not None:
+            z = (hidden.to(self.low.dtype) @ self.low.T).to(self.weight.dtype)
+            if self.bias is not None:
+                z += self.bias
+            return z
         hidden = hidden.to(self.weight.dtype)
         if self.packed is not None and hidden.shape[0] > 0:
             return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), self.packed, self.bias, "none", [], "")

@@ -30,7 +30,7 @@ from ..data import DatasetKind, FormatInfo, load_any, load_held_out, trainer_tok
 from ..data.streaming import TokenizedStream, is_stream, require_max_steps, stream_format
 from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
 from ..ops.attention import use_varlen_attention
-from ..ops.fast_paths import cpu_bf16_is_fast, cpu_fast_paths
+from ..ops.fast_paths import cpu_bf16_is_fast, cpu_fast_paths, head_precision
 from ..ops.memory import tune_cpu_allocator
 from ._args import as_method_config, seed_run
 from ._compat import (activation_offloading_context, apply_token_fields, disable_dropout_in_model, model_from_init,
@@ -406,19 +406,31 @@ class PostTrainer(Trainer):
         self._metrics[mode].clear()
         return reduced
 
-    # ------------------------------------------------------------------- the CPU speed paths, scoped
+    # ------------------------------------------------------------ the CPU speed paths and head precision, scoped
+    def _speed_settings(self) -> contextlib.ExitStack:
+        """The run's CPU fast paths and the output head's matmul dtype (bf16/fp16 under mixed precision, unless
+        ``cast_lm_head_to_fp32``), entered around training, evaluation and prediction."""
+        args = self.args
+        head = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        if getattr(args, "cast_lm_head_to_fp32", False):
+            head = None
+        stack = contextlib.ExitStack()
+        stack.enter_context(cpu_fast_paths(args.cpu_fast_paths))
+        stack.enter_context(head_precision(head))
+        return stack
+
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.args.cpu_fast_paths and self.args.device.type == "cpu":
             tune_cpu_allocator()  # large tensors back to the OS on free: no RSS creep on CPU
-        with cpu_fast_paths(self.args.cpu_fast_paths):
+        with self._speed_settings():
             return super().train(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        with cpu_fast_paths(self.args.cpu_fast_paths):
+        with self._speed_settings():
             return super().evaluate(*args, **kwargs)
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
-        with cpu_fast_paths(self.args.cpu_fast_paths):
+        with self._speed_settings():
             return super().predict(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
