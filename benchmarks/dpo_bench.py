@@ -1,6 +1,9 @@
-"""DPO throughput and memory on a benchmark-shaped model, with posttrain's defaults.
+"""DPO throughput and memory on a benchmark-shaped or real model, with posttrain's defaults.
 
-Model: hidden 256, 4 layers, head_dim 64, vocabulary 32768 (`tiny:bench`), float32 on CPU.
+Model: `--model bench` (default; `tiny:bench`: hidden 256, 4 layers, head_dim 64, vocabulary 32768) or
+`--model smollm2` (SmolLM2-135M-Instruct, built once and cached), float32 weights on CPU; `--lora R` trains a
+rank-R LoRA adapter on every linear layer, and the reference is then the base model with the adapter disabled
+(no second copy, on both sides).
 Data: conversational preference pairs (prompt 5-60 words, chosen and rejected 10-200 words each), batch 8
 pairs, max length 512, one epoch, `DPOConfig` defaults otherwise (sigmoid loss, a frozen copy of the initial
 model as reference, chosen and rejected packed into one padding-free forward). Prints real (non-pad) tokens/s,
@@ -10,6 +13,7 @@ backward plus the reference forward on each of them.
 
     python benchmarks/dpo_bench.py [--rows 64] [--precompute_ref_log_probs 0|1] [--json out.json]
     python benchmarks/dpo_bench.py --peer trl [--peer_python PATH] [--threads 1]
+    python benchmarks/dpo_bench.py --model smollm2 --lora 16 --rows 16 --peer trl
 
 ``--peer trl`` also trains TRL's DPOTrainer (`benchmarks/peers/trl_dpo.py`, in the peer's own venv made by
 `benchmarks/peers/make_venv.sh`) on the same model folder, pairs and settings, right after posttrain in the same
@@ -28,13 +32,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    export_for_peer, make_preference_chat_dataset, measure_matmul_peak, model_flops_per_token, peak_rss_bytes,
-    print_report, run_peer, side_by_side, step_timer,
+    BENCH_MODELS, best_matmul_peak, export_for_peer, load_bench_model, lora_settings, make_preference_chat_dataset,
+    model_flops_per_token, peak_rss_bytes, print_report, run_peer, side_by_side, step_timer,
 )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(BENCH_MODELS), default="bench")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune)")
     parser.add_argument("--rows", type=int, default=64, help="preference pairs in the epoch")
     parser.add_argument("--batch_size", type=int, default=8, help="pairs per step")
     parser.add_argument("--max_length", type=int, default=512)
@@ -49,17 +55,18 @@ def main() -> None:
     import torch
 
     from posttrain import DPOConfig, DPOTrainer
-    from posttrain.models import build_tiny
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak_flops = measure_matmul_peak(torch.float32)
-    model, tokenizer = build_tiny("bench", seed=0)
+    peaks = best_matmul_peak()
+    peak_flops = peaks["best"]
+    model, tokenizer, description = load_bench_model(args.model, seed=0)
+    lora = lora_settings(args.lora)
     data = make_preference_chat_dataset(args.rows, seed=0)
     peer_folder = tempfile.mkdtemp(prefix="dpo-peer-") if args.peer else None
     if peer_folder:  # before training: the peer starts from the same weights
         export_for_peer(peer_folder, model, tokenizer, data.to_list(),
-                        {"batch_size": args.batch_size, "max_length": args.max_length})
+                        {"batch_size": args.batch_size, "max_length": args.max_length, "lora": lora})
     overrides = {}
     if args.padding_free is not None:
         overrides["padding_free"] = bool(args.padding_free)
@@ -72,7 +79,13 @@ def main() -> None:
         ref_logps_cache_dir=os.path.join(output_dir, "ref_cache"), **overrides,
     )
     setup_start = time.perf_counter()
-    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**lora)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config)
     setup = time.perf_counter() - setup_start
     rows = trainer.train_dataset
     real_tokens = sum(2 * len(p) + len(c) + len(r)
@@ -86,7 +99,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     tokens_per_s = real_tokens / wall
     # Policy forward + backward on every token; the reference forward too unless it was precomputed.
-    flops_per_token = model_flops_per_token(model.config, seq_len, training=True)
+    flops_per_token = model_flops_per_token(model.config, seq_len, training=True, frozen=bool(lora))
     if not config.precompute_ref_log_probs:
         flops_per_token += model_flops_per_token(model.config, seq_len, training=False)
     steps = trainer.state.global_step
@@ -94,8 +107,10 @@ def main() -> None:
     median = sorted(timer.times)[len(timer.times) // 2] if timer.times else None
     rss_gb = peak_rss_bytes() / 1e9
     figures = {
-        "model": "tiny:bench (hidden 256, 4 layers, head_dim 64, vocab 32768)",
+        "model": description,
         "params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "trained": f"LoRA r={args.lora}" if lora else "all weights",
+        "bf16 autocast": config.bf16,
         "padding_free": config.padding_free,
         "precompute_ref_log_probs": config.precompute_ref_log_probs,
         "pairs": len(rows),
@@ -108,7 +123,8 @@ def main() -> None:
         "median step time (s)": round(median, 3) if median is not None else None,
         "real tokens/s": round(tokens_per_s, 1),
         "peak RSS (GB)": round(rss_gb, 3),
-        "matmul peak fp32 (GFLOP/s)": round(peak_flops / 1e9, 1),
+        "matmul peak fp32 (GFLOP/s)": round(peaks["fp32"] / 1e9, 1),
+        "matmul peak bf16 (GFLOP/s)": round(peaks["bf16"] / 1e9, 1),
         "model GFLOP/s": round(tokens_per_s * flops_per_token / 1e9, 1),
         "MFU": f"{100 * tokens_per_s * flops_per_token / peak_flops:.1f}%",
         "torch threads": torch.get_num_threads(),

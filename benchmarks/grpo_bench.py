@@ -1,6 +1,8 @@
 """GRPO throughput per rollout engine: completions/s, trained tokens/s, peak RSS, time split.
 
-Model: `tiny:bench` by default (hidden 256, 4 layers, head_dim 64, vocabulary 32768), float32 on CPU.
+Model: `tiny:bench` by default (hidden 256, 4 layers, head_dim 64, vocabulary 32768), or `--model smollm2`
+(SmolLM2-135M-Instruct, built once and cached), float32 weights on CPU; `--lora R` trains a rank-R LoRA adapter
+on every linear layer (both sides), the reference then being the base with the adapter disabled.
 Data: arithmetic-task prompts; rewards: the task's accuracy plus a cheap shaped reward. Each engine runs
 ``--warmup`` optimizer steps (not measured: vLLM start-up, first-call costs) then ``--steps`` measured
 steps of ``--batch`` completions (``--generations`` per prompt, ``--max_completion_length`` tokens; a
@@ -12,6 +14,8 @@ same work TRL does (a backward through every completion).
     python benchmarks/grpo_bench.py [--engines hf,vllm,server] [--steps 4] [--json out.json]
     python benchmarks/grpo_bench.py --async [--engines hf] [--threads 2]   # sync hf vs async, same run
     python benchmarks/grpo_bench.py --engines hf --peer trl [--peer_python PATH] [--threads 1]
+    python benchmarks/grpo_bench.py --engines hf --model smollm2 --lora 16 --batch 16 --generations 4 \
+        --max_completion_length 32 --steps 2 --peer trl
 
 Engines: ``hf`` (HF generate on the training model), ``vllm`` (vLLM colocated in this process),
 ``server`` (a `posttrain serve --backend vllm` subprocess; its memory is included in peak RSS);
@@ -40,7 +44,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from common import RssSampler, print_report, run_peer, side_by_side  # noqa: E402
+from common import RssSampler, load_bench_model, lora_settings, print_report, run_peer, side_by_side  # noqa: E402
 
 PHASES = ("generate", "score", "prepare", "train", "sync")
 ASYNC_PHASES = ("trainer_wait", "prepare", "train", "sync")  # what the training thread spends its time on
@@ -55,10 +59,15 @@ def run_engine(engine: str, args: argparse.Namespace, server_url: str | None) ->
     from transformers import TrainerCallback
 
     from posttrain import GRPOConfig, GRPOTrainer
-    from posttrain.models import build_tiny
     from posttrain.tasks import ArithmeticTask
 
-    model, tokenizer = build_tiny(args.model.removeprefix("tiny:"), seed=0)
+    model, tokenizer, _ = load_bench_model(args.model, seed=0)
+    lora = lora_settings(args.lora)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(**lora)
     engine_fields = {"hf": {}, "vllm": dict(use_vllm=True, vllm_mode="colocate", vllm_kv_cache_gb=1.0),
                      "server": dict(use_vllm=True, vllm_mode="server", vllm_server_url=server_url),
                      "async": dict(async_generation=True, vllm_server_timeout=600),
@@ -72,7 +81,8 @@ def run_engine(engine: str, args: argparse.Namespace, server_url: str | None) ->
         skip_zero_advantage_backward=not args.backward_all_rows, **engine_fields,
     )
     data = ArithmeticTask(digits=3).prompt_only(args.batch * (args.warmup + args.steps))
-    trainer = GRPOTrainer(model, ["arithmetic", digit_share], config, train_dataset=data, processing_class=tokenizer)
+    trainer = GRPOTrainer(model, ["arithmetic", digit_share], config, train_dataset=data, processing_class=tokenizer,
+                          peft_config=peft_config)
     marks: dict[str, dict] = {}
 
     class Mark(TrainerCallback):
@@ -114,10 +124,9 @@ def run_engine(engine: str, args: argparse.Namespace, server_url: str | None) ->
 
 def export_for_peer(args: argparse.Namespace) -> None:
     """Save exactly what `run_engine` trains on, so a peer library can be timed on the same inputs."""
-    from posttrain.models import build_tiny
     from posttrain.tasks import ArithmeticTask
 
-    model, tokenizer = build_tiny(args.model.removeprefix("tiny:"), seed=0)
+    model, tokenizer, _ = load_bench_model(args.model, seed=0)
     model.save_pretrained(os.path.join(args.export, "model"))
     tokenizer.save_pretrained(os.path.join(args.export, "model"))
     data = ArithmeticTask(digits=3).prompt_only(args.batch * (args.warmup + args.steps))
@@ -126,14 +135,15 @@ def export_for_peer(args: argparse.Namespace) -> None:
             f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"]}) + "\n")
     with open(os.path.join(args.export, "settings.json"), "w") as f:
         json.dump({"batch": args.batch, "generations": args.generations,
-                   "max_completion_length": args.max_completion_length}, f)
+                   "max_completion_length": args.max_completion_length, "lora": lora_settings(args.lora)}, f)
     print(f"exported model, prompts and settings to {args.export}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", default="hf,vllm,server")
-    parser.add_argument("--model", default="tiny:bench")
+    parser.add_argument("--model", default="tiny:bench", help="tiny:<spec> or smollm2")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tune)")
     parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps per engine")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured first steps")
     parser.add_argument("--batch", type=int, default=32, help="completions per step")
@@ -158,7 +168,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    report: dict = {"settings": {"model": args.model, "completions/step": args.batch, "generations": args.generations,
+    report: dict = {"settings": {"model": args.model, "LoRA rank": args.lora, "completions/step": args.batch, "generations": args.generations,
                                  "max_completion_length": args.max_completion_length, "measured steps": args.steps,
                                  "torch threads": torch.get_num_threads()}}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -170,7 +180,8 @@ def main() -> None:
             if engine == "server":
                 from _server_helpers import start_server
 
-                server = start_server("--model", args.model, "--backend", "vllm", "--kv-cache-gb", "1")
+                served = "smollm2-135m-instruct" if args.model == "smollm2" else args.model
+                server = start_server("--model", served, "--backend", "vllm", "--kv-cache-gb", "1")
             report[engine] = run_engine(engine, args, server.url if server else None)
         except Exception as err:  # noqa: BLE001 - one engine failing (e.g. no vLLM) must not hide the others
             report[engine] = {"error": f"{type(err).__name__}: {err}"[:300]}

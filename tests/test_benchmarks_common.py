@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ lives at the repo root, uninstalled
-from benchmarks.common import (RssSampler, make_chat_dataset, make_preference_chat_dataset, measure_matmul_peak,
+from benchmarks.common import (RssSampler, load_bench_model, lora_settings, make_chat_dataset, make_preference_chat_dataset, measure_matmul_peak,
                                model_flops_per_token, peak_rss_bytes, print_report, reset_peak_rss)
 
 
@@ -27,6 +27,19 @@ def test_model_flops_formula_matches_exact_linear_count():
     assert model_flops_per_token(cfg, 128) == 6 * n + 12 * 3 * 64 * 128
     assert model_flops_per_token(model, 128) == 6 * n + 12 * 3 * 64 * 128
     assert model_flops_per_token(cfg, 128, training=False) == 2 * n + 4 * 3 * 64 * 128
+    # LoRA: frozen base weights get no weight gradient, backward is the input gradient only
+    assert model_flops_per_token(cfg, 128, frozen=True) == 4 * n + 12 * 3 * 64 * 128
+
+
+def test_bench_models_and_the_lora_adapter_both_sides_train():
+    model, tokenizer, description = load_bench_model("bench")
+    assert model.config.vocab_size == 32768 and "tiny:bench" in description
+    assert load_bench_model("tiny:nano")[2] == "tiny:nano"
+    assert lora_settings(0) is None
+    from peft import LoraConfig
+
+    config = LoraConfig(**lora_settings(16))  # the peer builds the same object from the same dict
+    assert (config.r, config.lora_alpha, config.target_modules) == (16, 32, "all-linear")
 
 
 def test_matmul_peak_is_positive_and_timed():

@@ -46,3 +46,12 @@ def time_epoch(trainer: Any, real_tokens: int, config: Any) -> None:
         "bf16": config.bf16, "gradient_checkpointing": config.gradient_checkpointing,
         "torch threads": torch.get_num_threads(),
     }, indent=2))
+
+
+def peft_config(settings: dict) -> Any:
+    """The ``peft.LoraConfig`` posttrain's side trained (``settings["lora"]``), or None for a full fine-tune."""
+    if not settings.get("lora"):
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(**settings["lora"])

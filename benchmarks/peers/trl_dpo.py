@@ -4,7 +4,7 @@ Runs in the peer's virtual environment (`bash benchmarks/peers/make_venv.sh`; po
 
     benchmarks/peers/.venv-trl/bin/python benchmarks/peers/trl_dpo.py FOLDER [--threads N]
 
-Same model folder, preference pairs, batch size and max length as posttrain's side, one epoch; everything else
+Same model folder (and LoRA adapter, when posttrain's side trained one), preference pairs, batch size and max length as posttrain's side, one epoch; everything else
 is TRL's default (sigmoid loss, a reference copy of the model; on a CPU its `bf16=True` default runs as CPU
 autocast, which needs `use_cpu=True`). Tokens count prompt+chosen and prompt+rejected once each, as
 dpo_bench.py does. Prints real (non-pad) tokens/s over the epoch and peak RSS as JSON.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 
-from _peer import exported, time_epoch
+from _peer import exported, peft_config, time_epoch
 
 
 def main() -> None:
@@ -27,7 +27,8 @@ def main() -> None:
         max_length=settings["max_length"], num_train_epochs=1, save_strategy="no", report_to="none",
         logging_steps=1000, disable_tqdm=True, use_cpu=True,
     )
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=peft_config(settings))
     data = trainer.train_dataset
     tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
                                                                    data["rejected_ids"]))

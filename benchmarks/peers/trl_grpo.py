@@ -6,7 +6,7 @@ benchmark's model and prompts from posttrain's environment, then time TRL on the
     .venv/bin/python benchmarks/grpo_bench.py --export /tmp/grpo-peer
     /path/to/trl-venv/bin/python benchmarks/peers/trl_grpo.py /tmp/grpo-peer [--steps 4] [--threads 1]
 
-Same model (tiny:bench, float32), prompts (3-digit arithmetic), 32 completions per step (8 per prompt),
+Same model (tiny:bench or SmolLM2, float32; the same LoRA adapter when posttrain's side trained one), prompts (3-digit arithmetic), 32 completions per step (8 per prompt),
 64 new tokens, learning rate 1e-5, rewards (exact answer + share of digits); everything else is TRL's
 default. Prints completions/s and trained tokens/s over the measured steps and peak RSS.
 
@@ -25,6 +25,8 @@ import re
 import resource
 import tempfile
 import time
+
+from _peer import peft_config
 
 
 def accuracy(completions: list[str], answer: list[str], **kwargs: object) -> list[float]:
@@ -71,7 +73,8 @@ def main() -> None:
         **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2) if args.vllm else {}),
     )
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy, digit_share], args=config,
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          peft_config=peft_config(settings))
     marks: dict[str, float] = {}
 
     class Mark(TrainerCallback):

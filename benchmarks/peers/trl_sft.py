@@ -4,7 +4,7 @@ Runs in the peer's virtual environment (`bash benchmarks/peers/make_venv.sh`; po
 
     benchmarks/peers/.venv-trl/bin/python benchmarks/peers/trl_sft.py FOLDER [--threads N]
 
-Same model folder, conversations, batch size, max length and assistant-only loss as posttrain's side, one
+Same model folder (and LoRA adapter, when posttrain's side trained one), conversations, batch size, max length and assistant-only loss as posttrain's side, one
 epoch; everything else is TRL's default (on a CPU its `bf16=True` default runs as CPU autocast, which needs
 `use_cpu=True`). Prints real (non-pad) tokens/s over the epoch and peak RSS as JSON.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tempfile
 
-from _peer import exported, time_epoch
+from _peer import exported, peft_config, time_epoch
 
 
 def main() -> None:
@@ -26,7 +26,8 @@ def main() -> None:
         max_length=settings["max_length"], num_train_epochs=1, assistant_only_loss=settings["assistant_only_loss"],
         save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, use_cpu=True,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=peft_config(settings))
     time_epoch(trainer, sum(len(ids) for ids in trainer.train_dataset["input_ids"]), config)
 
 
