@@ -7,15 +7,9 @@ output head directly, so each step is one decoder step, one head matmul on the l
 `SamplingProcessor.draw`. Llama-family decoders step on a preallocated KV cache (`KVDecoder`), and on CPU the
 head's weight is packed once per rollout for oneDNN (`posttrain.ops.packed_linear`).
 
-On the benchmark model (hidden 256, 4 layers, 32k vocabulary, 32 rows x 64 tokens, 2 CPU threads), medians
-of 7 interleaved rollouts on an Intel VM: HF decoder with the plain head 1.25-1.30 s, with a contiguous
-transposed head for MKL 1.02-1.08 s, on `KVDecoder` 0.86 s (generate itself: about 2.0 s before the sampler's
-two-level draw). On an AMD EPYC VM, where MKL ran the head's 32-row product at a quarter of Intel's speed,
-a head packed once per rollout for oneDNN (`PackedLinear`) took a rollout from 1.30 s to 0.81 s (medians of 4
-interleaved runs; the head's share of a step from 11 ms to 4.6 ms). Packing the decoder's projections as
-well (`KVDecoder`, from 512 x 512 weights on) took rollouts of wider models there from 1.9-2.2 to 1.6-1.8 s
-(hidden 512, 8 layers) and from 4.3-4.8 to 3.4-3.6 s (hidden 1024, 8 layers; A/B interleaved, 20 rollouts
-each), about vLLM's CPU backend's 1.78 and 3.41 s on the same rollouts.
+On the benchmark model this loop decodes about 1.5x faster than the HF decoder with a plain head, and with the
+head and the projections packed it reaches about vLLM's CPU backend's speed on the same rollouts
+(benchmarks/README.md).
 
 Used for plain decoder-only causal LMs (a decoder plus a linear output head, dynamic KV cache);
 anything else (logit soft-capping, an adapter on the head, recurrent or encoder-decoder models) keeps

@@ -5,13 +5,12 @@ dynamic cache concatenates every layer's keys and values onto a growing tensor a
 cache copied per step), and each call builds a 4D attention mask and dispatches through the attention
 interface. `KVDecoder` writes each token's keys and values into buffers sized for the whole rollout and calls
 the layers' own submodules (norms, projections, MLP, rotary embedding) in the order the HF layer does, so
-PEFT adapters on the projections and any norm or rotary variant of these classes still apply. Measured on the
-benchmark model (hidden 256, 4 layers, 32 rows x 64 new tokens, 2 CPU threads, 7 interleaved runs): a
-rollout's median 1.08 s with the HF decoder on its dynamic cache, 0.86 s here.
+PEFT adapters on the projections and any norm or rotary variant of these classes still apply; on the benchmark
+model a rollout runs about 1.25x faster here than on the HF decoder's dynamic cache (benchmarks/README.md).
 
 On CPU the projections' float32 weights (q/k/v/o and the gate/up/down MLP of plain ``nn.Linear`` layers of at
 least 512 x 512) are packed once per rollout for oneDNN (`posttrain.ops.packed_linear`), as vLLM's CPU backend
-does: MKL's ``F.linear`` ran these B-row products 1.3-1.8x slower at 32 rows on an AMD EPYC VM. The packed
+does: MKL's ``F.linear`` runs these B-row products slower on some CPUs (benchmarks/README.md). The packed
 copies live as long as the decoder (one rollout chunk). Adapters (PEFT's LoRA layers are not plain
 ``nn.Linear``) and small weights run through the modules themselves.
 

@@ -16,8 +16,8 @@ by inverse-transform sampling (one uniform per row against the running sum of th
 records that token's log-prob under it. So the reported log-probs are those of the distribution actually
 sampled from (see ``posttrain.online.engines``), and no ``[steps, batch, vocab]`` tensor is kept as
 ``output_scores`` would. ``generate`` runs greedy on the one-hot score row the processor returns, so it
-takes exactly the drawn token: on a CPU ``torch.multinomial`` over a 32k vocabulary costs about 35 ms per
-step for 32 rows, more than the model's forward, where a cumulative sum and a binary search take about 2 ms.
+takes exactly the drawn token: on a CPU ``torch.multinomial`` over a large vocabulary costs more than the
+model's forward, a cumulative sum and a binary search a small part of it (benchmarks/README.md).
 A model on posttrain's padding-free attention decodes on SDPA (about 2x faster there) and gets it back after.
 """
 
@@ -48,8 +48,8 @@ def sample_inverse_cdf(weights: Tensor, block: int = SAMPLE_BLOCK) -> tuple[Tens
     transform: the first index whose running sum exceeds ``u * total``, ``u ~ U[0, 1)``. The strict comparison
     never lands on a zero-weight token (masked by top-k/top-p/min-p). Returns ``(tokens [B], totals [B])``.
 
-    Two levels, because a running sum over the whole vocabulary is a slow sequential pass on CPU (1.8 ms per
-    step for 32 rows of 32k, more than the rest of the draw): first a block of ``block`` tokens in proportion
+    Two levels, because a running sum over the whole vocabulary is a slow sequential pass on CPU (more than the
+    rest of the draw): first a block of ``block`` tokens in proportion
     to its sum, then a token inside it in proportion to its weight, with a second uniform. ``P(token) =
     P(block) P(token | block)``, the same distribution as one flat draw."""
     rows, vocab = weights.shape

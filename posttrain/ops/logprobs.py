@@ -15,9 +15,7 @@ buffer, no recompute and no second ``exp`` (the entropy's gradient uses ``p log 
 unnormalized, with ``1 / sum`` per row, which the backward folds into the pass it makes anyway, and on CPU
 the buffer is reused from one call to the next (a one-slot pool). Larger inputs (long sequences, 150k
 vocabularies) recompute. The chunks' logits come from a head packed once per call for oneDNN on CPU
-(`posttrain.ops.packed_linear`: on an AMD EPYC VM, 128-row chunks of a 32k head ran in 10.8 ms against MKL's
-22.7 ms, and a GRPO training step's forward and backward took 1.40 s against 1.59 s, medians of 4
-interleaved runs).
+(`posttrain.ops.packed_linear`; the measurements behind these choices are in benchmarks/README.md).
 
 All softmax, log-sum-exp and gradient arithmetic is in float32 (float64 for float64 inputs) whatever the input
 dtype. The head's matrix products are float32 too, except under mixed precision
@@ -42,16 +40,14 @@ __all__ = ["selective_log_softmax", "selective_log_softmax_ext", "argmax_tokens"
 
 CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of float32 logits per chunk
 # Probabilities of at most this size are kept from forward for backward instead of recomputed: one [N, V]
-# matmul and one exp pass less (32k vocabulary, 2048 rows = 256 MiB: 1.23 -> 0.93 s forward and backward).
+# matmul and one exp pass less (32k vocabulary, 2048 rows = 256 MiB).
 KEEP_LOGITS_BYTES = 256 << 20
 
 
 def auto_chunk_size(vocab_size: int, chunk_size: int | None = None) -> int:
     """Rows per chunk: `chunk_size` when given, else as many rows as keep one `[rows, V]` float32 block near
     16 MiB (128 rows for a 32k vocabulary, 2048 for 2k; at least 64, since fewer rows make the head's matmuls
-    inefficient), so peak memory does not grow with the vocabulary. Forward and backward with entropy, 32k
-    vocabulary, 2048 rows, 2 CPU threads, medians of 5 interleaved runs: 32 rows 1.66 s, 64 rows 1.09 s,
-    128 rows 0.93 s, 256 rows 0.96 s (kept probabilities; recomputing: 2.18, 1.23, 1.06, 1.25 s)."""
+    inefficient), so peak memory does not grow with the vocabulary (timings per chunk size: benchmarks/README.md)."""
     if chunk_size:
         return int(chunk_size)
     return max(64, min(8192, CHUNK_ELEMENTS // max(1, vocab_size)))
@@ -79,9 +75,9 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor | None, bias: Tensor |
                              "drop ignored positions (e.g. -100) before calling")
 
 
-# One spare CPU buffer for kept probabilities, handed back by the backward that used it. A fresh [N, V]
-# buffer is a fresh mmap: the first write of each page faults, and on an AMD EPYC VM writing 256 MiB into
-# fresh pages took 107-114 ms against 37 ms into reused ones (16 chunks of exp). Bounded by KEEP_LOGITS_BYTES.
+# One spare CPU buffer for kept probabilities, handed back by the backward that used it: a fresh [N, V] buffer
+# is a fresh mmap whose pages fault on first write, several times slower than reused ones. Bounded by
+# KEEP_LOGITS_BYTES.
 # GPU memory needs no pool: the caching allocator keeps freed blocks.
 _spare_probs: list[Tensor] = []
 
@@ -248,9 +244,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 if need_b:
                     grad_b += gz.sum(0)
         if not per_chunk:
-            # The whole [N, V] gradient is in `kept`: one [N, V] x [V, H] and one [V, N] x [N, H] matmul (at 2048
-            # rows of a 32k vocabulary on 2 CPU threads, the input gradient took 137 ms against 166 ms in
-            # 128-row chunks; the weight gradient's time was unchanged).
+            # The whole [N, V] gradient is in `kept`: one [N, V] x [V, H] and one [V, N] x [N, H] matmul, faster
+            # than the same products in chunks.
             if need_h:
                 grad_h = low_precision_mm(kept, weight_m, mdt).to(hidden.dtype)
             if need_w:

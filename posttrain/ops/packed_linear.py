@@ -2,19 +2,11 @@
 
 An LM head is one big ``[V, H]`` matrix multiplied, again and again, by a few rows at a time: ``B`` rows per
 decode step, 128-row chunks in the chunked log-softmax. MKL's sgemm does these skinny products far below the
-matmul peak on some CPUs. On an AMD EPYC (Zen 4) VM, 2 threads, hidden 256, 32k vocabulary, medians:
-
-==========  =====================  =========================  ====================
-rows        MKL ``h @ W_t``         MKL ``(W @ h^T)^T``         oneDNN, packed ``W``
-==========  =====================  =========================  ====================
-32          11.5-18.2 ms            7.7-11.4 ms                 3.8-5.7 ms
-128         22.7 ms                 15.8 ms                     10.8 ms
-2048        331 ms                  330 ms                      336 ms
-==========  =====================  =========================  ====================
-
-Packing (oneDNN's reorder into its blocked layout, a copy of the weight) takes 5-20 ms, so it pays from a few
+matmul peak on some CPUs, where oneDNN with the weight packed once (a reorder into its blocked layout, a copy
+of the weight) runs them about twice as fast; packing costs a few products' time, so it pays from a few
 products on: once per rollout for the decode loop's head, once per forward for the log-softmax chunks. Large
 row blocks gain nothing, and backward's products (``[N, V] x [V, H]`` and ``[V, N] x [N, H]``) stay on MKL.
+The measurements: benchmarks/README.md.
 
 `PackedLinear` takes this path for a float32 CPU weight of at least ``MIN_PACKED_ELEMENTS`` when PyTorch's
 oneDNN ops are present and agree with ``torch.mm`` on a probe (checked once per process); anything else
@@ -37,10 +29,9 @@ __all__ = ["PackedLinear", "onednn_linear_available", "MIN_PACKED_ELEMENTS", "MI
 
 MIN_PACKED_ELEMENTS = 1 << 20  # weights below ~4 MiB of float32: MKL's own blocking is as fast, packing is not
 # A decode step's projections (``B`` rows against a ``[out, in]`` weight, packed once per rollout): from about
-# 512 x 512 on, oneDNN beat MKL's ``F.linear`` at 32 rows (AMD EPYC VM, 2 threads: 512^2 1.31x, 1376 x 512
-# 1.41x, 1024^2 1.81x, 2736 x 1024 1.83x; 688 x 256 1.16x, 256^2 0.94x; at 8 rows 1.6x to 3.8x).
+# 512 x 512 on, oneDNN beat MKL's ``F.linear`` at 32 rows (benchmarks/README.md).
 MIN_PACKED_PROJECTION_ELEMENTS = 1 << 18
-_MAX_PACKED_ROWS = 1024  # from about 2048 rows on, MKL matched oneDNN (table above)
+_MAX_PACKED_ROWS = 1024  # from about 2048 rows on, MKL matched oneDNN
 
 
 @functools.lru_cache(maxsize=1)
