@@ -245,3 +245,27 @@ def test_trainers_run_the_head_in_the_mixed_precision_dtype(tmp_path, fields, ex
     SFTTrainer(model="tiny:nano", args=config, train_dataset=data, callbacks=[Probe()]).train()
     assert seen == [expected]
     assert head_matmul_dtype() is None
+
+
+def test_the_decode_loop_multiplies_in_bf16_under_mixed_precision():
+    """The sampler sees float32 logits within bf16 rounding of the float32 run's (and not equal: bf16 ran)."""
+    seen = {}
+
+    class Record:
+        def __init__(self, key):
+            self.key = key
+
+        def draw(self, input_ids, scores):
+            seen.setdefault(self.key, scores.clone())
+            return scores.argmax(-1)
+
+    model, tok = build_tiny("nano", seed=0)
+    ids = torch.tensor([tok("1 + 2 =").input_ids] * 2)
+    with torch.no_grad():
+        for key, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            with head_precision(dtype):
+                decode_loop.decode(model, ids, torch.ones_like(ids), Record(key), max_new_tokens=2,
+                                   stop_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    assert seen["bf16"].dtype == torch.float32
+    diff = (seen["bf16"] - seen["fp32"]).abs().max()
+    assert 0 < diff < 0.05 * seen["fp32"].abs().max() + 0.05

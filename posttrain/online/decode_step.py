@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the same rotation in all four
 
 from ..ops import packed_linear
+from ..ops.fast_paths import head_matmul_dtype
 from ..ops.packed_linear import PackedLinear
 
 __all__ = ["KVDecoder", "supports_kv_decoder", "KV_DECODER_CLASSES"]
@@ -129,10 +130,12 @@ Projection = Callable[[Tensor], Tensor]
 
 
 def _projection(module: nn.Module, rows: int) -> Projection:
-    """``module`` itself, or for a plain ``nn.Linear`` whose weight is worth it, its oneDNN-packed product."""
+    """``module`` itself, or for a plain ``nn.Linear`` whose weight is worth it, its oneDNN-packed product (under
+    mixed precision, its product in bf16 from a copy of the weight cast once)."""
     if type(module) is nn.Linear:
-        packed = PackedLinear(module.weight, rows, module.bias, packed_linear.MIN_PACKED_PROJECTION_ELEMENTS)
-        if packed.packed is not None:
+        packed = PackedLinear(module.weight, rows, module.bias, packed_linear.MIN_PACKED_PROJECTION_ELEMENTS,
+                              matmul_dtype=head_matmul_dtype())
+        if packed.packed is not None or packed.low is not None:
             return lambda x: packed(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
     return module
 
