@@ -41,16 +41,21 @@ def test_sft_quickstart() -> None:
 
 
 def test_dpo_quickstart() -> None:
-    from transformers import AutoTokenizer  # noqa: F401  (the example loads model and tokenizer itself)
+    from posttrain import DPOConfig, DPOTrainer  # was: from trl import DPOTrainer
 
-    from posttrain import DPOConfig, DPOTrainer  # was: from trl import DPOConfig, DPOTrainer
+    trainer = DPOTrainer(model=MODEL, train_dataset=_preference(), args=DPOConfig(max_steps=1, report_to="none"))
+    _trained(trainer)
+
+
+def test_dpo_with_model_and_tokenizer_loaded_first() -> None:
+    """The older form of the docs' DPO example, still common in users' scripts."""
+    from posttrain import DPOConfig, DPOTrainer
     from posttrain.models import load_model, load_tokenizer
 
     model = load_model(MODEL)  # was: AutoModelForCausalLM.from_pretrained("Qwen/Qwen2-0.5B-Instruct")
     tokenizer = load_tokenizer(MODEL)  # was: AutoTokenizer.from_pretrained("Qwen/Qwen2-0.5B-Instruct")
-    train_dataset = _preference()
     training_args = DPOConfig(output_dir="Qwen2-0.5B-DPO", max_steps=1, report_to="none")
-    trainer = DPOTrainer(model=model, args=training_args, processing_class=tokenizer, train_dataset=train_dataset)
+    trainer = DPOTrainer(model=model, args=training_args, processing_class=tokenizer, train_dataset=_preference())
     _trained(trainer)
 
 
@@ -76,18 +81,32 @@ def test_kto_quickstart() -> None:
 
 
 def reward_num_unique_letters(completions, **kwargs):
-    """The docs' toy reward: the number of distinct characters of each completion."""
+    """An earlier version of the docs' toy reward: the number of distinct characters of each completion."""
     completion_contents = [completion[0]["content"] for completion in completions]
     return [float(len(set(content))) for content in completion_contents]
 
 
-def _prompts(n: int = 8) -> Dataset:  # trl-lib/ultrafeedback-prompt's shape: conversational prompts
-    return Dataset.from_list([{"prompt": _conversation(i)[:1]} for i in range(n)])
+def _prompts(n: int = 8) -> Dataset:  # trl-lib/DeepMath-103K's shape: conversational prompts and a solution
+    return Dataset.from_list([{"prompt": _conversation(i)[:1], "solution": f"${2 * i}$"} for i in range(n)])
 
 
 @pytest.mark.parametrize("method", ["GRPO", "RLOO"])
 def test_online_quickstart(method: str) -> None:
+    """The docs' train_grpo.py / train_rloo.py: `from trl.rewards import accuracy_reward` -> posttrain.rewards."""
+    pytest.importorskip("math_verify")
     import posttrain  # was: from trl import GRPOTrainer / RLOOTrainer
+    from posttrain.rewards import accuracy_reward  # was: from trl.rewards import accuracy_reward
+
+    trainer_cls, config_cls = getattr(posttrain, f"{method}Trainer"), getattr(posttrain, f"{method}Config")
+    args = config_cls(max_steps=1, max_completion_length=8, report_to="none")
+    trainer = trainer_cls(model=MODEL, reward_funcs=accuracy_reward, train_dataset=_prompts(), args=args)
+    _trained(trainer)
+    assert any("rewards/accuracy_reward/mean" in h for h in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("method", ["GRPO", "RLOO"])
+def test_online_with_a_custom_reward_function(method: str) -> None:
+    import posttrain
 
     trainer_cls, config_cls = getattr(posttrain, f"{method}Trainer"), getattr(posttrain, f"{method}Config")
     args = config_cls(max_steps=1, max_completion_length=8, report_to="none")

@@ -1,4 +1,5 @@
-"""Generic built-in reward functions: answer accuracy, format, soft overlong punishment, length.
+"""Generic built-in reward functions: answer accuracy, format, soft overlong punishment, length, cosine-scaled
+accuracy, repetition penalty.
 
 Every function follows the reward contract ``f(prompts, completions, completion_ids, **columns) ->
 list[float | None]``. A completion is a string, or for conversational prompts a list of messages whose
@@ -235,12 +236,73 @@ def make_length_reward(target_length: int | None = None, max_completion_length: 
     return length
 
 
+def make_cosine_scaled_reward(max_len: int | None = None, min_value_wrong: float = -1.0,
+                              max_value_wrong: float = -0.5, min_value_correct: float = 0.5,
+                              max_value_correct: float = 1.0, accuracy: Callable | None = None,
+                              max_completion_length: int | None = None) -> Callable:
+    """Correctness scaled by length on a cosine schedule, favouring short right answers (Yeo et al. 2025,
+    "Demystifying Long Chain-of-Thought Reasoning in LLMs", appendix C.1)::
+
+        R(L) = v_lo + (v_hi - v_lo) * (1 + cos(pi * min(L / max_len, 1))) / 2
+
+    ``(v_lo, v_hi) = (min_value_correct, max_value_correct)`` for a right answer (shorter scores more) and
+    ``(max_value_wrong, min_value_wrong)`` for a wrong one (shorter is penalized more, so exploring longer is not);
+    ``L`` is the completion's token count, capped at ``max_len`` (the cosine would climb again past it).
+    Correctness comes from ``accuracy`` (default: TRL's math-verify reading of `make_accuracy_reward`); a row it
+    cannot judge (``None``) stays ``None``. ``max_len`` defaults to the run's ``max_completion_length`` (the
+    built-in name ``cosine_scaled``)."""
+    max_len = max_len if max_len is not None else max_completion_length
+    if not max_len or max_len <= 0:
+        raise ValueError(f"the cosine-scaled reward needs a positive max_len, got {max_len}")
+    judge = accuracy or make_accuracy_reward(answer_tag=None, latex_only=True)
+
+    def cosine_scaled(prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Sequence[int]],
+                      **kwargs: Any) -> list[float | None]:
+        out: list[float | None] = []
+        for right, ids in zip(judge(prompts, completions, completion_ids, **kwargs), completion_ids):
+            if right is None:
+                out.append(None)
+                continue
+            lo, hi = (min_value_correct, max_value_correct) if right else (max_value_wrong, min_value_wrong)
+            progress = min(len(ids) / max_len, 1.0)
+            out.append(float(lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))))
+        return out
+
+    return cosine_scaled
+
+
+def make_repetition_penalty_reward(ngram_size: int = 3, max_penalty: float = -1.0) -> Callable:
+    """Penalty for repeated token n-grams (Yeo et al. 2025, appendix C.2): ``(1 - unique / total) * max_penalty``
+    over the completion's ``ngram_size``-grams of token ids, so 0 without repeats and near ``max_penalty`` for a
+    completion that repeats itself; 0 for a completion shorter than ``ngram_size``."""
+    if max_penalty > 0:
+        raise ValueError(f"max_penalty must not be positive, got {max_penalty}")
+    if ngram_size < 1:
+        raise ValueError(f"ngram_size must be at least 1, got {ngram_size}")
+
+    def repetition_penalty(prompts: Sequence[Any], completions: Sequence[Any],
+                           completion_ids: Sequence[Sequence[int]], **kwargs: Any) -> list[float | None]:
+        out: list[float | None] = []
+        for ids in completion_ids:
+            ids = list(ids)
+            if len(ids) < ngram_size:
+                out.append(0.0)
+                continue
+            grams = [tuple(ids[i:i + ngram_size]) for i in range(len(ids) - ngram_size + 1)]
+            out.append((1.0 - len(set(grams)) / len(grams)) * max_penalty)
+        return out
+
+    return repetition_penalty
+
+
 BUILTIN_REWARDS: dict[str, Callable[..., Callable]] = {
     "accuracy": make_accuracy_reward,
     "format": make_format_reward,
     "think_format": make_think_format_reward,
     "soft_overlong": make_soft_overlong_reward,
     "length": make_length_reward,
+    "cosine_scaled": make_cosine_scaled_reward,
+    "repetition_penalty": make_repetition_penalty_reward,
 }
 
 
