@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--peer", choices=["trl"], default=None, help="also time TRL on the same inputs")
     parser.add_argument("--peer_python", default=None, help="the peer venv's python (default benchmarks/peers/.venv-trl)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides")
+    parser.add_argument("--peer_bf16", type=int, default=None,
+                        help="set TRL's bf16 (default: TRL's own default, True, which a CPU without native bf16 emulates)")
     args = parser.parse_args()
 
     import torch
@@ -67,7 +69,7 @@ def main() -> None:
     peer_folder = tempfile.mkdtemp(prefix="sft-peer-") if args.peer else None
     if peer_folder:  # before training: the peer starts from the same weights
         export_for_peer(peer_folder, model, tokenizer, data.to_list(),
-                        {"batch_size": args.batch_size, "max_length": args.max_length,
+                        {"batch_size": args.batch_size, "max_length": args.max_length, "peer_bf16": args.peer_bf16,
                          "assistant_only_loss": assistant_only, "lora": lora})
     overrides = {} if args.padding_free is None else {"padding_free": bool(args.padding_free)}
     config = SFTConfig(

@@ -25,6 +25,7 @@ def main() -> None:
         output_dir=tempfile.mkdtemp(prefix="trl-sft-"), per_device_train_batch_size=settings["batch_size"],
         max_length=settings["max_length"], num_train_epochs=1, assistant_only_loss=settings["assistant_only_loss"],
         save_strategy="no", report_to="none", logging_steps=1000, disable_tqdm=True, use_cpu=True,
+        **({} if settings.get("peer_bf16") is None else {"bf16": bool(settings["peer_bf16"])}),
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=peft_config(settings))
