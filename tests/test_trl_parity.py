@@ -26,9 +26,6 @@ NAMES = json.load(open(os.path.join(os.path.dirname(__file__), "data", "trl116_n
 # TRL names a trainer does not take yet, each with why. The tests fail when one of them appears (fixed: drop it
 # here) or when a name outside this list goes missing.
 KNOWN_GAPS: dict[str, dict[str, str]] = {
-    "AsyncGRPO": {n: "TRL's own async worker and NCCL weight transfer settings; posttrain's worker is `posttrain serve`"
-                  for n in ("dtype", "fork_threshold_tokens", "heartbeat_stale_after_s", "request_timeout",
-                            "token_budget", "weight_sync_timeout", "rollout_worker", "weight_transfer")},
     "GKD": {n: "TRL's GKDConfig subclasses SFTConfig; posttrain's GKD is an online trainer without SFT's "
                "packing/data fields" for n in ("assistant_only_loss", "completion_only_loss", "dataset_kwargs",
                                                "dataset_text_field", "eval_packing", "loss_type", "packing",
