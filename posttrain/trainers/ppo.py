@@ -36,7 +36,7 @@ from ._online_config import OnlineConfig, RewardArgs, reward_trainer_kwargs
 from ._value import batched_completion_values, check_value_model, completion_values, default_value_model
 from .registry import register_method
 
-__all__ = ["PPOConfig", "PPOTrainer", "ADVANTAGE_ESTIMATORS"]
+__all__ = ["PPOConfig", "PPOTrainer", "ADVANTAGE_ESTIMATORS", "ppo_batch_sizes"]
 
 ADVANTAGE_ESTIMATORS = ("gae", "reinforce_pp", "reinforce_pp_baseline")
 _VALUE_DIR = "value_model"
@@ -84,6 +84,25 @@ class PPOConfig(OnlineConfig):
     ref_adapter_name: str | None = field(default=None, metadata=_help("Accepted for TRL compatibility (unused)."))
     exp_name: str = field(default="ppo", metadata=_help("Name of the experiment (TRL's field)."))
     ds3_gather_for_generation: bool = field(default=True, metadata=_help("Accepted for TRL compatibility."))
+    # ---- TRL's computed sizes: None, filled in by the trainer (`PPOTrainer._fill_batch_sizes`); a value set here
+    # must agree with the run's, else ValueError
+    world_size: int | None = field(default=None, metadata=_help(
+        "Processes of the run (computed; reads the actual number, a value given must match it)."))
+    local_batch_size: int | None = field(default=None, metadata=_help(
+        "Completions one process generates per rollout: per_device_train_batch_size * steps_per_generation "
+        "(= * gradient_accumulation_steps * num_mini_batches by default; computed)."))
+    micro_batch_size: int | None = field(default=None, metadata=_help(
+        "Completions in one forward/backward over all processes: per_device_train_batch_size * world_size (computed)."))
+    batch_size: int | None = field(default=None, metadata=_help(
+        "Completions per rollout over all processes: local_batch_size * world_size (computed)."))
+    mini_batch_size: int | None = field(default=None, metadata=_help(
+        "Completions per optimizer step over all processes: local_mini_batch_size * world_size (computed)."))
+    local_mini_batch_size: int | None = field(default=None, metadata=_help(
+        "Completions per optimizer step on one process: per_device_train_batch_size * gradient_accumulation_steps "
+        "(= local_batch_size / num_mini_batches by default; computed)."))
+    num_total_batches: int | None = field(default=None, metadata=_help(
+        "Rollouts (generation batches) in the run: ceil(total_episodes / batch_size), or what max_steps / "
+        "num_train_epochs amount to (computed; None for a stream of unknown length)."))
     # ---- beyond TRL
     advantage_estimator: str = field(default="gae", metadata=_help(
         "gae: PPO with a critic; reinforce_pp: REINFORCE++ (no critic, returns normalized over the batch); "
@@ -129,6 +148,44 @@ class PPOConfig(OnlineConfig):
         if self.total_episodes is not None and self.max_steps <= 0:
             generations = math.ceil(self.total_episodes / self.generation_batch_size)
             self.max_steps = generations * self.num_iterations * self.steps_per_generation // self.gradient_accumulation_steps
+
+
+def _world_size(self: PPOConfig) -> int:
+    return TrainingArguments.world_size.fget(self)
+
+
+def _declare_world_size(self: PPOConfig, value: int | None) -> None:
+    self.__dict__["_declared_world_size"] = value
+
+
+# TRL's PPOConfig has a ``world_size`` field where TrainingArguments has a property: the field's value is kept as a
+# declaration (checked by the trainer) and reading it still gives the run's number of processes
+PPOConfig.world_size = property(_world_size, _declare_world_size, doc="Processes of the run (TrainingArguments').")
+
+_SIZE_FIELDS = ("world_size", "local_batch_size", "micro_batch_size", "batch_size", "mini_batch_size",
+                "local_mini_batch_size", "num_total_batches")
+
+
+def ppo_batch_sizes(args: PPOConfig, world_size: int, dataset_len: int | None) -> dict[str, int | None]:
+    """TRL's PPO batch sizes, as they are in this run's loop (TRL's definitions: a rollout of ``batch_size``
+    completions over all processes, optimizer steps of ``mini_batch_size``, forwards of ``micro_batch_size``).
+    With ``num_mini_batches=1``, or whenever ``steps_per_generation = gradient_accumulation_steps *
+    num_mini_batches`` (the default), the numbers equal TRL 1.12's ``PPOTrainer`` arithmetic."""
+    local = args.per_device_train_batch_size * args.steps_per_generation
+    local_mini = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    batch = local * world_size
+    steps_per_rollout = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+    if args.total_episodes is not None:
+        total = math.ceil(args.total_episodes / batch)
+    elif args.max_steps > 0:
+        total = math.ceil(args.max_steps / steps_per_rollout)
+    elif dataset_len is not None:
+        total = math.ceil(args.num_train_epochs * dataset_len / batch)
+    else:
+        total = None
+    return {"world_size": world_size, "local_batch_size": local,
+            "micro_batch_size": args.per_device_train_batch_size * world_size, "batch_size": batch,
+            "mini_batch_size": local_mini * world_size, "local_mini_batch_size": local_mini, "num_total_batches": total}
 
 
 def _as_list(funcs: Any) -> list:
@@ -180,6 +237,27 @@ class PPOTrainer(OnlineTrainer):
             self._build_value_model(self.model)
         if self.value_model is not None:
             self.value_model.to(self.args.device)
+        self._fill_batch_sizes()
+
+    def _fill_batch_sizes(self) -> None:
+        """Fill in TRL's computed size fields (`ppo_batch_sizes`); one the user set to another value is an error."""
+        args = self.args
+        try:
+            length = len(self.train_dataset) if self.train_dataset is not None else None
+        except TypeError:  # a stream
+            length = None
+        sizes = ppo_batch_sizes(args, self.accelerator.num_processes, length)
+        declared = {name: getattr(args, name) for name in _SIZE_FIELDS if name != "world_size"}
+        declared["world_size"] = args.__dict__.get("_declared_world_size")
+        wrong = {k: (v, sizes[k]) for k, v in declared.items() if v is not None and v != sizes[k]}
+        if wrong:
+            detail = "; ".join(f"{k}={v} but this run's is {c}" for k, (v, c) in wrong.items())
+            raise ValueError(f"PPOConfig: {detail}. These sizes are computed from per_device_train_batch_size, "
+                             "gradient_accumulation_steps, num_mini_batches (steps_per_generation), the number of "
+                             "processes and total_episodes / max_steps: leave them unset (None) or change those")
+        for name, value in sizes.items():
+            if name != "world_size":
+                setattr(args, name, value)
 
     # ------------------------------------------------------------------------------ the critic
     @property
