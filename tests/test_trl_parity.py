@@ -32,12 +32,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
                                                "packing_strategy", "pad_to_multiple_of", "shuffle_dataset",
                                                "truncation_mode")},
     "MiniLLM": {"rkl_advantage": "MiniLLM's advantage always includes the reverse-KL term here"},
-    "PPO": {**{n: "computed batch sizes TRL fills in itself (not user settings)" for n in (
-        "batch_size", "local_batch_size", "local_mini_batch_size", "micro_batch_size", "mini_batch_size",
-        "num_total_batches", "world_size")},
-        "reward_model_path": "the CLI's --reward_model_path (a script argument) would clash with a config field"},
-    **{m: {"reward_model_path": "the CLI's --reward_model_path (a script argument) would clash with a config field"}
-       for m in ("OnlineDPO", "NashMD", "XPO")},
 }
 OWNED_ELSEWHERE = {name: set(gaps) for name, gaps in KNOWN_GAPS.items()}
 # TrainingArguments defaults TRL's config overrides and ours deliberately does not, with why.

@@ -166,7 +166,7 @@ class MiniLLMTrainer(GRPOTrainer):
         return (loss, None) if return_outputs else loss
 
 
-def _minillm_trainer_kwargs(script: object, rewards: RewardArgs) -> dict:
+def _minillm_trainer_kwargs(script: object, rewards: RewardArgs, config: Any = None) -> dict:
     """The extra reward functions of the command line (none by default: the teacher is the reward)."""
     from ._online_config import reward_trainer_kwargs
 

@@ -32,7 +32,7 @@ from ..online.logprobs import batched_completion_logps
 from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
 from ._online import OnlineTrainer
-from ._online_config import OnlineConfig, RewardArgs, reward_trainer_kwargs
+from ._online_config import OnlineConfig, RewardFuncArgs, RewardModelPathField, reward_trainer_kwargs, with_reward_model_path
 from ._value import batched_completion_values, check_value_model, completion_values, default_value_model
 from .registry import register_method
 
@@ -48,12 +48,14 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class PPOConfig(OnlineConfig):
+class PPOConfig(RewardModelPathField, OnlineConfig):
     """Configuration of `PPOTrainer`: TRL's PPOConfig fields (names and defaults) on top of the online fields.
 
     TRL's names map onto the loop's: ``num_ppo_epochs`` is ``num_iterations``, ``num_mini_batches`` optimizer
     steps of ``per_device_train_batch_size * gradient_accumulation_steps`` completions make one generation,
-    ``response_length`` is ``max_completion_length``, ``cliprange`` is ``epsilon``.
+    ``response_length`` is ``max_completion_length``, ``cliprange`` is ``epsilon``. ``reward_model_path`` is
+    loaded when no ``reward_model`` object is passed; its default is None, not TRL's
+    ``"EleutherAI/pythia-160m"`` (a hub model TRL's example script loads; nothing here needs a hub by default).
     """
 
     num_ppo_epochs: int = field(default=4, metadata=_help("Passes over each generation batch (the loop's num_iterations)."))
@@ -217,6 +219,11 @@ class PPOTrainer(OnlineTrainer):
             raise ValueError("PPOTrainer needs a policy model (model=...)")
         funcs = _as_list(reward_funcs)
         procs = reward_processing_classes
+        if reward_model is None and getattr(args, "reward_model_path", None):
+            # TRL's field: the reward model to load when none is passed; it scores first (as in TRL's script)
+            funcs = with_reward_model_path(funcs, args)
+            if isinstance(procs, (list, tuple)):
+                procs = [None, *procs]
         if reward_model is not None:
             # TRL's reward model reads the policy's tokens: by default it scores with the policy's tokenizer
             if procs is not None and not isinstance(procs, (list, tuple)):
@@ -440,5 +447,5 @@ register_method(
     "ppo", PPOConfig, PPOTrainer,
     help="PPO: actor-critic RL with GAE advantages, a value model and a KL-shaped per-token reward "
          "(advantage_estimator=reinforce_pp: REINFORCE++ without a critic).",
-    extra_args=(RewardArgs,), trainer_kwargs=reward_trainer_kwargs, task_format="prompt_only",
+    extra_args=(RewardFuncArgs,), trainer_kwargs=reward_trainer_kwargs, task_format="prompt_only",
 )
