@@ -31,7 +31,6 @@ KNOWN_GAPS: dict[str, dict[str, str]] = {
                                                "dataset_text_field", "eval_packing", "loss_type", "packing",
                                                "packing_strategy", "pad_to_multiple_of", "shuffle_dataset",
                                                "truncation_mode")},
-    "MiniLLM": {"rkl_advantage": "MiniLLM's advantage always includes the reverse-KL term here"},
 }
 OWNED_ELSEWHERE = {name: set(gaps) for name, gaps in KNOWN_GAPS.items()}
 # TrainingArguments defaults TRL's config overrides and ours deliberately does not, with why.
