@@ -113,7 +113,8 @@ class PRMTrainer(RewardHeadTrainer):
             return tokenized
         keep = [any(y != IGNORE_INDEX for y in labels)
                 for labels in tokenized.with_format("arrow")["step_labels"].to_pylist()]
-        return self.drop_rows_without_loss(tokenized, name, keep, "max_length / max_completion_length cut off every step's separator")
+        return self.drop_rows_without_loss(tokenized, name, keep,
+                                           "max_length / max_completion_length cut off every step's separator")
 
     def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
         return {"keep": lambda row: any(y != IGNORE_INDEX for y in row["step_labels"])}
