@@ -92,7 +92,7 @@ def _run(name: str, run_file: Any, argv: Sequence[str]) -> dict[str, float]:
                          f"{script.dataset_name!r} gives none (dataset_test_split={script.dataset_test_split!r}); "
                          "name an existing split with dataset_test_split, give eval_dataset_name, or set "
                          "eval_strategy: 'no'")
-    kwargs = spec.trainer_kwargs(script, *extras) if spec.trainer_kwargs else {}
+    kwargs = spec.trainer_kwargs(script, *extras, config) if spec.trainer_kwargs else {}
     peft_task_type = kwargs.pop("peft_task_type", "CAUSAL_LM")
     processing_class = None
     if script.tokenizer_name_or_path:

@@ -278,3 +278,130 @@ def test_async_grpo_raises_mean_reward_with_its_own_hf_worker():
 def test_async_grpo_raises_mean_reward_with_its_own_vllm_worker():
     _raises_mean_reward(use_vllm=True, vllm_kv_cache_gb=0.5, spec="hidden=256,layers=2,heads=4",
                         vllm_server_timeout=600, worker_startup_timeout=600)
+
+
+# ------------------------------------------------- TRL 1.16 AsyncGRPO fields and constructor parameters
+class _Transfer:
+    """TRL's WeightTransferProtocol, recording the calls and the weight names sent."""
+
+    def __init__(self):
+        self.calls, self.names = [], []
+
+    def init_weight_transfer(self):
+        self.calls.append("init")
+
+    def pause(self):
+        self.calls.append("pause")
+
+    def send_weights(self, iterator):
+        self.calls.append("send")
+        self.names += [name for name, _ in iterator]
+
+    def resume(self):
+        self.calls.append("resume")
+
+    def destroy(self):
+        self.calls.append("destroy")
+
+
+def test_source_pushes_weights_through_a_weight_transfer_object():
+    engine, version, transfer = _FakeEngine(), [0], _Transfer()
+    model, _ = build_tiny("nano")
+    source = _source(engine, version, max_staleness=1, queue_maxsize=1, max_inflight_tasks=1,
+                     weight_transfer=transfer)
+    try:
+        source.push_weights(model, 3)
+    finally:
+        source.close()
+    assert transfer.calls == ["pause", "send", "resume"] and engine.sync_count == 0  # not the engine's own sync
+    assert engine.weights_version == 3
+    assert set(transfer.names) == {n for n, _ in model.named_parameters()}
+
+
+def test_client_bounds_weight_pushes_by_weight_sync_timeout_and_other_requests_by_request_timeout():
+    from posttrain.online.client import RolloutServerClient
+
+    client = object.__new__(RolloutServerClient)
+    client.timeout, client.weight_timeout, seen = 600, 1800, []
+    client._request = lambda method, path, body=None, **kw: seen.append((path, kw.get("timeout"))) or {}
+    client.send_weight_blobs([b"a", b"b"])
+    assert seen == [("/update_weights", 1800), ("/update_weights", 1800), ("/reset", None)]  # None: timeout
+
+
+def test_async_generation_uses_the_given_worker_transfer_and_timeouts(monkeypatch):
+    import posttrain.online.client as client_module
+    import posttrain.trainers._async as async_module
+
+    made = {}
+
+    class _Client:
+        def __init__(self, url, tokenizer, **kw):
+            made.update(url=url, **kw)
+            self.weights_version = 0
+
+        def close(self):
+            made["closed"] = True
+
+    class _Source:
+        def __init__(self, engine, prompts, **kw):
+            made["source"] = kw
+            self.stats = type("S", (), {"snapshots": 0})()
+
+        def close(self):
+            return 0
+
+    class _Worker:
+        def __init__(self):
+            self.calls = []
+
+        def start(self, model, tokenizer):
+            self.calls.append("start")
+            return "http://127.0.0.1:1"
+
+        def stop(self):
+            self.calls.append("stop")
+
+        def alive(self):
+            return True
+
+        def describe_exit(self):
+            return ""
+
+    monkeypatch.setattr(client_module, "RolloutServerClient", _Client)
+    monkeypatch.setattr(async_module, "AsyncRolloutSource", _Source)
+    model, tok = build_tiny("nano")
+    worker, transfer = _Worker(), _Transfer()
+    trainer = AsyncGRPOTrainer(model, [text_length], _config(request_timeout=7, weight_sync_timeout=9),
+                               _data(8), processing_class=tok, rollout_worker=worker, weight_transfer=transfer)
+    run = async_module.AsyncGeneration(trainer)
+    run.start(0)
+    run.stop()
+    run.stop()  # idempotent: the transfer is destroyed once
+    assert worker.calls == ["start", "stop"] and made["url"] == "http://127.0.0.1:1"
+    assert made["timeout"] == 7 and made["weight_timeout"] == 9 and made["source"]["weight_transfer"] is transfer
+    assert transfer.calls == ["init", "destroy"]  # our worker loads the trainer's weights: no first push
+    with pytest.raises(TypeError, match=r"lacks \['alive', 'describe_exit'\]"):
+        AsyncGRPOTrainer(model, [text_length], _config(), _data(8), processing_class=tok,
+                         rollout_worker=type("W", (), {"start": lambda s: 0, "stop": lambda s: 0})())
+    with pytest.raises(ValueError, match="async_generation=True"):
+        AsyncGRPOTrainer(model, [text_length], _config(async_generation=False), _data(8), processing_class=tok,
+                         weight_transfer=transfer)
+    with pytest.raises(ValueError, match="request_timeout=0"):
+        _config(request_timeout=0)
+
+
+def test_async_grpo_dtype_loads_a_named_model_and_inapplicable_fields_warn_once(caplog):
+    trainer = AsyncGRPOTrainer("tiny:nano", [text_length], _config(dtype="bfloat16"), _data(8))
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    trainer = AsyncGRPOTrainer("tiny:nano", [text_length], _config(model_init_kwargs={"dtype": "float16"}), _data(8))
+    assert next(trainer.model.parameters()).dtype == torch.float16  # model_init_kwargs wins over dtype
+    assert next(AsyncGRPOTrainer("tiny:nano", [text_length], _config(), _data(8)).model.parameters()).dtype \
+        == torch.float32  # TRL's default
+    with pytest.raises(ValueError, match="dtype='fp8'"):
+        _config(dtype="fp8")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        AsyncGRPOTrainer("tiny:nano", [text_length], _config(token_budget=64, fork_threshold_tokens=8), _data(8))
+    for name in ("token_budget", "fork_threshold_tokens"):
+        assert sum(name in r.getMessage() for r in caplog.records) == 1
+    assert not any("heartbeat_stale_after_s" in r.getMessage() for r in caplog.records)  # at its default

@@ -235,3 +235,44 @@ def test_cli_grpo_with_trl_reward_names_and_env_block(tmp_path, monkeypatch, cap
     assert logged["rewards/env_reward/mean"] == pytest.approx(0.75)  # the reward function saw the env block
     assert logged["rewards/think_format_reward/mean"] == 0.0  # 4 random tokens never open and close <think>
     assert logged["rewards/soft_overlong_punishment_reward/mean"] == 0.0  # 4 tokens << 1280 - 256
+
+
+def test_reward_model_path_is_the_config_field_of_ppo_and_the_online_preference_methods(tmp_path):
+    """TRL's PPOConfig / OnlineDPOConfig / NashMD / XPO have reward_model_path: the same flag and YAML key fill the
+    config (not a script argument), and the trainer loads it (first, before any reward function)."""
+    from posttrain.trainers._online_config import reward_trainer_kwargs
+    from posttrain.trainers._online_pref import preference_trainer_kwargs
+
+    for method in ("ppo", "online_dpo", "nash_md", "xpo", "reinforce_pp"):
+        script, rewards, *rest, config = parse_method_args(method, ["--reward_model_name_or_path", "tiny:nano"])
+        assert config.reward_model_path == "tiny:nano" and not hasattr(rewards, "reward_model_path")
+        kwargs = (preference_trainer_kwargs(script, rewards, *rest, config) if rest else
+                  reward_trainer_kwargs(script, rewards, config))
+        assert kwargs == {"reward_funcs": None}  # the trainer loads it; no default arithmetic added
+    cfg = _yaml(tmp_path, "reward_model_path: tiny:nano\nreward_funcs: [length]\n")
+    script, rewards, judging, config = parse_method_args("online_dpo", ["--config", str(cfg)])
+    assert config.reward_model_path == "tiny:nano" and rewards.reward_funcs == ["length"]
+    with pytest.raises(ValueError, match="not both"):
+        preference_trainer_kwargs(script, rewards, type(judging)(judge="rule:length"), config)
+
+
+def test_trainers_load_the_configs_reward_model_first():
+    from posttrain import OnlineDPOConfig, OnlineDPOTrainer, PPOConfig, PPOTrainer
+    from posttrain.models import build_tiny
+    from posttrain.online.reward_model import RewardModelScorer
+    from posttrain.tasks import ArithmeticTask
+
+    model, tok = build_tiny("nano")
+    data = ArithmeticTask(digits=2).prompt_only(8)
+    common = dict(output_dir="/tmp/posttrain-test-rmp", report_to="none", per_device_train_batch_size=8,
+                  reward_model_path="tiny:nano")
+    length = lambda completions, **kw: [float(len(c)) for c in completions]  # noqa: E731
+    for trainer in (PPOTrainer(args=PPOConfig(**common), processing_class=tok, model=model, train_dataset=data,
+                               reward_funcs=[length]),
+                    OnlineDPOTrainer(model, args=OnlineDPOConfig(**common), train_dataset=data, processing_class=tok,
+                                     reward_funcs=[length])):
+        funcs = trainer.reward_composer.funcs
+        assert len(funcs) == 2 and isinstance(funcs[0], RewardModelScorer) and funcs[1] is length
+    with pytest.raises(ValueError, match="not both"):
+        OnlineDPOTrainer(model, args=OnlineDPOConfig(**common), train_dataset=data, processing_class=tok,
+                         judge=object())

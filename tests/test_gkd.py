@@ -136,3 +136,37 @@ def test_peft_student_trains_adapters_only():
     trainer.train()
     changed = {k for k, v in trainer.model.named_parameters() if not torch.equal(before[k], v)}
     assert changed and all("lora_" in k for k in changed)
+
+
+# ------------------------------------------------------------- TRL's SFTConfig fields on GKDConfig
+def test_sft_data_fields_have_trls_defaults_and_meaning_in_gkd(caplog):
+    convo = [{"role": "user", "content": "What is 2+2? Answer with a number and a long tail of words"},
+             {"role": "assistant", "content": "4"}]
+    data = Dataset.from_list([{"chat": convo}] * 8)
+    trainer = _gkd(data=data, dataset_text_field="chat", max_prompt_length=4)
+    row = trainer.train_dataset[0]
+    from posttrain.data import tokenize_prompt_completion
+
+    full = tokenize_prompt_completion(trainer.tokenizer, convo[:1], convo[1:])["prompt_ids"]
+    assert len(full) > 4
+    assert row["prompt_truncated"] and row["prompt_ids"] == list(full[:4])  # keep_start: TRL's default
+    keep_end = _gkd(data=data, dataset_text_field="chat", max_prompt_length=4, truncation_mode="keep_end")
+    assert keep_end.train_dataset[0]["prompt_ids"] == list(full[-4:])
+    numbered = ArithmeticTask(digits=2).prompt_completion(16)
+    plain = _gkd(data=numbered)
+    shuffled = _gkd(data=numbered, shuffle_dataset=True)
+    assert plain.train_dataset["prompt"] == numbered["prompt"]  # shuffle_dataset=False (TRL): kept in order
+    assert shuffled.train_dataset["prompt"] != numbered["prompt"]
+    assert sorted(shuffled.train_dataset["prompt"]) == sorted(numbered["prompt"])
+    with pytest.raises(ValueError, match="completion_only_loss=False"):
+        GKDConfig(**base_args(completion_only_loss=False))
+    with pytest.raises(ValueError, match="truncation_mode"):
+        GKDConfig(**base_args(truncation_mode="middle"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _gkd(packing=True, loss_type="dft", pad_to_multiple_of=8, completion_only_loss=True,
+             assistant_only_loss=True)
+    text = [r.getMessage() for r in caplog.records]
+    for name in ("packing=True", "loss_type='dft'", "pad_to_multiple_of=8"):
+        assert sum(name in t for t in text) == 1, (name, text)
+    assert not any("completion_only_loss" in t or "assistant_only_loss" in t for t in text)  # what GKD does

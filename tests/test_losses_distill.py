@@ -125,6 +125,27 @@ def test_minillm_advantages_subtract_the_group_mean_return_and_add_extra_rewards
     assert metrics["rkl_reward"].item() == pytest.approx(float(r.mean()), abs=1e-6)
 
 
+def test_minillm_rkl_advantage_false_leaves_only_the_extra_rewards_advantage():
+    """TRL's rkl_advantage=False: the per-token advantage is the extra rewards' group-relative advantage alone
+    (the same on every completion token), with no reverse-KL return; without rewards it is zero."""
+    teacher, student = _logits(4, 5).float(), _logits(4, 5, seed=1).float()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0])
+    adv, metrics = minillm_advantages(teacher, student, mask, 2, rewards=rewards, scale_rewards="none",
+                                      rkl_advantage=False)
+    want = torch.tensor([0.5, -0.5, -1.0, 1.0])[:, None] * mask  # reward minus its group's mean
+    torch.testing.assert_close(adv, want)
+    with_rkl, _ = minillm_advantages(teacher, student, mask, 2, gamma=1.0, single_step=False, rewards=rewards,
+                                     scale_rewards="none")
+    without, _ = minillm_advantages(teacher, student, mask, 2, gamma=1.0, single_step=False, rewards=rewards,
+                                    scale_rewards="none", rkl_advantage=False)
+    torch.testing.assert_close(without, adv)  # gamma / single_step shape only the reverse-KL part
+    assert not torch.allclose(with_rkl, adv)  # the switch changes the advantage by the reverse-KL part
+    assert metrics["rkl_reward"].item() == pytest.approx(float((teacher - student)[mask].mean()), abs=1e-6)
+    alone, _ = minillm_advantages(teacher, student, mask, 2, rkl_advantage=False)
+    assert torch.count_nonzero(alone) == 0
+
+
 def test_minillm_loss_gradient_is_minus_advantage_plus_single_step_gradient():
     logps = _logits(2, 4).float().requires_grad_()
     adv = _logits(2, 4, seed=2).float()

@@ -95,3 +95,18 @@ def test_bad_config_is_a_clear_error():
         _args(beta=0.1)
     with pytest.raises(ValueError, match="gamma"):
         _args(gamma=2.0)
+
+
+def test_rkl_advantage_false_trains_on_the_rewards_advantage_alone():
+    student, teacher, tok = student_and_teacher()
+    data = ArithmeticTask(digits=2).prompt_only(8)
+    trainer = MiniLLMTrainer(student, teacher, args=_args(rkl_advantage=False), train_dataset=data,
+                             processing_class=tok, reward_funcs=digit_share)
+    batch = trainer.prepare(_scored(trainer), "train")
+    mask = batch.completion_mask
+    # constant along each completion (the sequence reward's advantage), no per-token reverse-KL returns
+    first = batch.advantages[:, :1].expand_as(batch.advantages)
+    torch.testing.assert_close(batch.advantages * mask, first * mask)
+    with pytest.raises(ValueError, match="nothing to learn"):
+        MiniLLMTrainer(student, teacher, args=_args(rkl_advantage=False, single_step_decomposition=False),
+                       train_dataset=data, processing_class=tok)

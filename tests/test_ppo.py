@@ -41,6 +41,39 @@ def test_config_maps_trl_fields_onto_the_loop(tmp_path):
         _config(tmp_path, advantage_estimator="reinforce_pp_baseline")
 
 
+def test_trls_computed_batch_sizes_follow_trls_arithmetic(tmp_path):
+    from posttrain.trainers.ppo import ppo_batch_sizes
+
+    # TRL 1.12 PPOTrainer.__init__'s arithmetic written out for per_device 8, gradient accumulation 2, one
+    # mini-batch, 4 processes, 100 episodes (our rollout is num_mini_batches optimizer steps long, TRL's one)
+    args = _config(tmp_path, gradient_accumulation_steps=2, steps_per_generation=2, num_mini_batches=1,
+                   max_steps=-1, total_episodes=100)
+    world = 4
+    local = 8 * 2
+    trl = {"world_size": world, "local_batch_size": local, "micro_batch_size": 8 * world,
+           "batch_size": local * world, "mini_batch_size": local * world // 1, "local_mini_batch_size": local // 1,
+           "num_total_batches": -(-100 // (local * world))}
+    assert ppo_batch_sizes(args, world, dataset_len=None) == trl
+    # num_mini_batches=2 (steps_per_generation = 2 * 2): a rollout of 32 completions per process in 2 steps of 16
+    args = _config(tmp_path, gradient_accumulation_steps=2, num_mini_batches=2, max_steps=-1, num_train_epochs=3)
+    sizes = ppo_batch_sizes(args, 1, dataset_len=64)
+    assert sizes["local_batch_size"] == 32 and sizes["local_mini_batch_size"] == 16
+    assert sizes["mini_batch_size"] == sizes["batch_size"] // 2 and sizes["num_total_batches"] == 3 * 64 // 32
+    model, tok = build_tiny("nano")
+    data = ArithmeticTask(digits=2).prompt_only(16)
+    trainer = PPOTrainer(args=_config(tmp_path), processing_class=tok, model=model, reward_funcs=digit_share,
+                         train_dataset=data)
+    a = trainer.args  # filled in: 8 completions per rollout, max_steps=2 with 2 epochs per rollout -> 1 rollout
+    assert (a.batch_size, a.local_batch_size, a.mini_batch_size, a.micro_batch_size, a.world_size) == (8, 8, 8, 8, 1)
+    assert a.num_total_batches == 1
+    PPOTrainer(args=_config(tmp_path, batch_size=8, world_size=1), processing_class=tok, model=model,
+               reward_funcs=digit_share, train_dataset=data)  # consistent values are fine
+    for wrong in ({"batch_size": 16}, {"world_size": 2}, {"mini_batch_size": 3}):
+        with pytest.raises(ValueError, match=f"{next(iter(wrong))}=.* but this run's is"):
+            PPOTrainer(args=_config(tmp_path, **wrong), processing_class=tok, model=model, reward_funcs=digit_share,
+                       train_dataset=data)
+
+
 def test_ppo_trains_with_a_rule_reward_and_logs_trls_metrics(tmp_path):
     model, tok = build_tiny("nano")
     before = copy.deepcopy(model.state_dict())

@@ -50,6 +50,27 @@ def test_labels_sit_on_the_separator_after_each_step():
     assert cut["input_ids"] == full["input_ids"][: positions[1]] and cut["labels"] == full["labels"][: positions[1]]
 
 
+def test_max_completion_length_cuts_the_steps_and_keeps_the_prompt(tmp_path):
+    """TRL's max_completion_length: the steps (not the prompt) keep their first N tokens, before max_length."""
+    tok = load_tokenizer("tiny:nano")
+    full = encode_steps(tok, ROW["prompt"], ROW["completions"], labels=ROW["labels"])
+    prompt_len = len(encode_steps(tok, ROW["prompt"], [], labels=[])["input_ids"])
+    positions = full["step_positions"]
+    n = positions[1] - prompt_len  # the completion budget that ends just before step 2's separator is whole
+    cut = encode_steps(tok, ROW["prompt"], ROW["completions"], labels=ROW["labels"], max_completion_length=n)
+    assert cut["truncated"] and cut["step_positions"] == positions[:1]
+    assert cut["input_ids"] == full["input_ids"][: prompt_len + n]
+    both = encode_steps(tok, ROW["prompt"], ROW["completions"], labels=ROW["labels"], max_completion_length=n,
+                        max_length=positions[0])  # the tighter limit wins
+    assert both["input_ids"] == full["input_ids"][: positions[0]] and both["step_positions"] == []
+    data = Dataset.from_list([ROW] * 4)
+    trainer = PRMTrainer("tiny:nano", _args(tmp_path, max_completion_length=n), train_dataset=data, processing_class=tok)
+    row = trainer.train_dataset[0]
+    assert len(row["input_ids"]) == prompt_len + n and sum(y != -100 for y in row["step_labels"]) == 1
+    with pytest.raises(ValueError, match="max_completion_length=0"):
+        _args(tmp_path, max_completion_length=0)
+
+
 def test_loss_is_the_per_step_cross_entropy_of_the_model(tmp_path):
     data = ArithmeticTask(digits=2, seed=0).stepwise(8)
     for last_only in (False, True):

@@ -21,28 +21,6 @@ import posttrain
 
 NAMES = json.load(open(os.path.join(os.path.dirname(__file__), "data", "trl116_names.json")))
 
-# Owned by the tool-calling / environment work (branch h10-tools), which adds them to GRPO and RLOO; the
-# integrator removes this set when that work is merged.
-# TRL names a trainer does not take yet, each with why. The tests fail when one of them appears (fixed: drop it
-# here) or when a name outside this list goes missing.
-KNOWN_GAPS: dict[str, dict[str, str]] = {
-    "AsyncGRPO": {n: "TRL's own async worker and NCCL weight transfer settings; posttrain's worker is `posttrain serve`"
-                  for n in ("dtype", "fork_threshold_tokens", "heartbeat_stale_after_s", "request_timeout",
-                            "token_budget", "weight_sync_timeout", "rollout_worker", "weight_transfer")},
-    "GKD": {n: "TRL's GKDConfig subclasses SFTConfig; posttrain's GKD is an online trainer without SFT's "
-               "packing/data fields" for n in ("assistant_only_loss", "completion_only_loss", "dataset_kwargs",
-                                               "dataset_text_field", "eval_packing", "loss_type", "packing",
-                                               "packing_strategy", "pad_to_multiple_of", "shuffle_dataset",
-                                               "truncation_mode")},
-    "MiniLLM": {"rkl_advantage": "MiniLLM's advantage always includes the reverse-KL term here"},
-    "PPO": {**{n: "computed batch sizes TRL fills in itself (not user settings)" for n in (
-        "batch_size", "local_batch_size", "local_mini_batch_size", "micro_batch_size", "mini_batch_size",
-        "num_total_batches", "world_size")},
-        "reward_model_path": "the CLI's --reward_model_path (a script argument) would clash with a config field"},
-    **{m: {"reward_model_path": "the CLI's --reward_model_path (a script argument) would clash with a config field"}
-       for m in ("OnlineDPO", "NashMD", "XPO")},
-}
-OWNED_ELSEWHERE = {name: set(gaps) for name, gaps in KNOWN_GAPS.items()}
 # TrainingArguments defaults TRL's config overrides and ours deliberately does not, with why.
 DEFAULT_DIFFERENCES = {
     ("AsyncGRPO", "ignore_data_skip"): "TRL's async loader cannot skip consumed batches on resume; ours resumes "
@@ -67,7 +45,7 @@ def _literal(text: str | None):
 def test_every_trl_config_field_is_a_field(name: str) -> None:
     config_cls, _ = _classes(name)
     ours = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    missing = sorted(set(NAMES[name]["fields"]) - ours - OWNED_ELSEWHERE.get(name, set()))
+    missing = sorted(set(NAMES[name]["fields"]) - ours)
     assert not missing, f"{name}Config lacks TRL's fields {missing}"
 
 
@@ -89,7 +67,7 @@ def test_constructor_names_trl_parameters_in_order(name: str) -> None:
     _, trainer_cls = _classes(name)
     params = inspect.signature(trainer_cls.__init__).parameters
     explicit = [p for p, v in params.items() if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD) and p != "self"]
-    wanted = [p for p in NAMES[name]["params"] if p not in OWNED_ELSEWHERE.get(name, set())]
+    wanted = list(NAMES[name]["params"])
     missing = [p for p in wanted if p not in explicit]
     assert not missing, f"{name}Trainer.__init__ does not name TRL's parameters {missing}"
     order = [p for p in explicit if p in wanted]
@@ -111,10 +89,27 @@ def test_trl_overridden_defaults_match(name: str) -> None:
         assert defaults[key] == _literal(text), f"{name}Config.{key}: ours {defaults[key]!r}, TRL {text}"
 
 
-@pytest.mark.parametrize("name", sorted(KNOWN_GAPS))
-def test_known_gaps_are_still_gaps(name: str) -> None:
-    """A name listed in KNOWN_GAPS that our trainer has come to accept must leave the list."""
-    config_cls, trainer_cls = _classes(name)
-    taken = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    taken |= set(inspect.signature(trainer_cls.__init__).parameters)
-    assert not set(KNOWN_GAPS[name]) & taken, f"now accepted, drop from KNOWN_GAPS: {set(KNOWN_GAPS[name]) & taken}"
+# The names issue 24 closed (they were known gaps): each takes TRL's default, except where noted with why.
+CLOSED_GAPS = {
+    "AsyncGRPO": ("dtype", "fork_threshold_tokens", "heartbeat_stale_after_s", "request_timeout", "token_budget",
+                  "weight_sync_timeout"),
+    "GKD": ("assistant_only_loss", "completion_only_loss", "dataset_kwargs", "dataset_text_field", "eval_packing",
+            "loss_type", "packing", "packing_strategy", "pad_to_multiple_of", "shuffle_dataset", "truncation_mode"),
+    "MiniLLM": ("rkl_advantage",),
+    "PPO": ("batch_size", "local_batch_size", "local_mini_batch_size", "micro_batch_size", "mini_batch_size",
+            "num_total_batches", "world_size", "reward_model_path"),
+    **{m: ("reward_model_path",) for m in ("OnlineDPO", "NashMD", "XPO")},
+}
+CLOSED_GAP_DEFAULTS_DIFFER = {
+    ("PPO", "reward_model_path"): "TRL's default is a hub model its example script loads; nothing here needs a hub "
+                                  "by default (None: pass reward_model= or set it)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_GAPS))
+def test_closed_gaps_take_trls_defaults(name: str) -> None:
+    config_cls, _ = _classes(name)
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    for key in CLOSED_GAPS[name]:
+        if (name, key) not in CLOSED_GAP_DEFAULTS_DIFFER:
+            assert defaults[key] == _literal(NAMES[name]["fields"][key]), f"{name}Config.{key}"

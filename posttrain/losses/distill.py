@@ -140,9 +140,13 @@ def minillm_returns(rewards: Tensor, mask: Tensor, *, gamma: float = 0.0, single
 
 def minillm_advantages(teacher_logps: Tensor, student_logps: Tensor, mask: Tensor, num_generations: int, *,
                        gamma: float = 0.0, single_step: bool = True, length_normalization: bool = True,
-                       rewards: Tensor | None = None, scale_rewards: str = "group") -> tuple[Tensor, dict[str, Tensor]]:
+                       rewards: Tensor | None = None, scale_rewards: str = "group",
+                       rkl_advantage: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """MiniLLM's per-token advantages ``[B, Lc]`` (module docstring): returns of ``r_t = log p - log q``
     minus the group's mean return, plus the group-relative advantage of the extra ``rewards [B]`` (if any).
+    ``rkl_advantage=False`` (TRL's switch) leaves the reverse-KL returns out: the advantage is the extra
+    rewards' alone (zero without them), and the teacher then teaches only through the single-step term of
+    `minillm_loss`. The metrics are computed either way.
 
     Completions of one prompt are the ``num_generations`` consecutive rows. Metrics: ``rkl_reward`` (mean
     ``r_t``, i.e. minus the per-token sampled reverse KL) and ``rkl_return`` (mean return).
@@ -153,7 +157,9 @@ def minillm_advantages(teacher_logps: Tensor, student_logps: Tensor, mask: Tenso
     r = (teacher_logps.detach().float() - student_logps.detach().float()) * maskf
     ret = minillm_returns(r, mask, gamma=gamma, single_step=single_step, length_normalization=length_normalization)
     adv = ret.clone()
-    if num_generations > 1:
+    if not rkl_advantage:
+        adv = torch.zeros_like(ret)
+    elif num_generations > 1:
         g = num_generations
         group_sum = (ret * maskf).view(-1, g, ret.shape[1]).sum((1, 2))
         group_count = maskf.view(-1, g, ret.shape[1]).sum((1, 2)).clamp(min=1.0)

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from .engines import Rollout, RolloutEngine
 from .pipeline import PromptStream, ScoredRollout
+from .weights import iter_merged_weights
 
 __all__ = ["AsyncRolloutArgs", "AsyncRolloutSource", "RolloutWorkerDied"]
 
@@ -72,6 +73,12 @@ class AsyncRolloutArgs:
         "The previous setting is restored when train() returns."))
     worker_startup_timeout: float = field(default=300.0, metadata=_help(
         "async_generation: seconds the trainer waits for its worker to start and answer /health."))
+    request_timeout: int = field(default=600, metadata=_help(
+        "async_generation: socket timeout in seconds of each HTTP request to the rollout worker (a generation, a "
+        "health check); a request that gets no reply in time raises instead of hanging (TRL's AsyncGRPOConfig)."))
+    weight_sync_timeout: int = field(default=1800, metadata=_help(
+        "async_generation: timeout in seconds of each request of a weight push to the rollout worker; a push that "
+        "does not complete in time raises (in the training thread) instead of hanging the run."))
 
     def __post_init__(self) -> None:
         for name in ("max_staleness", "weight_sync_steps", "queue_maxsize"):
@@ -82,6 +89,9 @@ class AsyncRolloutArgs:
             self.max_inflight_tasks = self.queue_maxsize
         if self.max_inflight_tasks < 1:
             raise ValueError(f"max_inflight_tasks={self.max_inflight_tasks}: expected >= 1 or -1 (auto)")
+        for name in ("request_timeout", "weight_sync_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected seconds > 0")
         for name in ("generation_num_threads", "training_num_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: expected None or an integer >= 0")
@@ -155,8 +165,9 @@ class AsyncRolloutSource:
     def __init__(self, engine: RolloutEngine, prompts: PromptStream, *, generate: Callable[[int, list[dict]], Rollout],
                  score: Callable[[list[dict], Rollout], ScoredRollout], current_version: Callable[[], int],
                  max_staleness: int, queue_maxsize: int, max_inflight_tasks: int, timeout: float,
-                 worker: Any = None, start_item: int = 0) -> None:
+                 worker: Any = None, start_item: int = 0, weight_transfer: Any = None) -> None:
         self.engine, self.prompts, self.worker = engine, prompts, worker
+        self.weight_transfer = weight_transfer
         self._generate, self._score, self._version = generate, score, current_version
         self.max_staleness, self.timeout = max_staleness, timeout
         self._queue: queue.Queue[Future] = queue.Queue(maxsize=queue_maxsize)
@@ -230,14 +241,21 @@ class AsyncRolloutSource:
         """Give the engine ``model``'s weights, tagged ``version``. With the rollout-server client the trainer
         only snapshots them (serialized blobs) and a pusher thread sends them as soon as no request is in
         flight, so training goes on meanwhile (the server loads weights between generations anyway); a newer
-        snapshot replaces one not yet sent. Other engines are synced here and now."""
+        snapshot replaces one not yet sent. Other engines, and a ``weight_transfer`` object (TRL's
+        ``WeightTransferProtocol``: ``pause``, ``send_weights((name, tensor) pairs)``, ``resume``), are synced
+        here and now, with no generation request in flight."""
         self._raise_push_error()
         start = time.perf_counter()
         snapshot = getattr(self.engine, "iter_weight_blobs", None)
-        if snapshot is None:
+        if self.weight_transfer is not None or snapshot is None:
             self._weights.acquire_write()
             try:
-                self.engine.sync_weights(model, force=True)
+                if self.weight_transfer is not None:  # TRL's WeightTransferProtocol: pause, stream, resume
+                    self.weight_transfer.pause()
+                    self.weight_transfer.send_weights(iter_merged_weights(model))
+                    self.weight_transfer.resume()
+                else:
+                    self.engine.sync_weights(model, force=True)
                 self.engine.weights_version = version
             finally:
                 self._weights.release_write()

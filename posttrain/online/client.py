@@ -48,7 +48,7 @@ class RolloutServerClient(RolloutEngine):
 
     def __init__(self, url: str, tokenizer: Any, *, timeout: float = 600.0, connect_timeout: float = 10.0,
                  sync_every: int = 1, chunk_mb: float = 256.0, retries: int = 3,
-                 stop_token_ids: Sequence[int] | None = None) -> None:
+                 stop_token_ids: Sequence[int] | None = None, weight_timeout: float | None = None) -> None:
         super().__init__(sync_every=sync_every)
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme != "http" or not parts.hostname:
@@ -58,6 +58,8 @@ class RolloutServerClient(RolloutEngine):
         self.tokenizer = tokenizer
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        #: socket timeout of each weight-push request (None: ``timeout``); TRL's ``weight_sync_timeout``
+        self.weight_timeout = weight_timeout
         self.chunk_bytes = int(chunk_mb * 2**20)
         self.retries = retries
         self.stop_token_ids = list(stop_token_ids or [])
@@ -169,7 +171,8 @@ class RolloutServerClient(RolloutEngine):
     def send_weight_blobs(self, blobs: Iterable[bytes]) -> None:
         """Send blobs made by :meth:`iter_weight_blobs`, then ``/reset`` (the server's version goes up by one)."""
         for blob in blobs:
-            self._request("POST", "/update_weights", blob, content_type="application/octet-stream")
+            self._request("POST", "/update_weights", blob, content_type="application/octet-stream",
+                          timeout=self.weight_timeout)
         self.reset_cache()
 
     def reset_cache(self) -> None:

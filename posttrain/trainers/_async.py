@@ -9,7 +9,10 @@
 - the loop's source is the producer's queue (``source.next``); generations more than ``max_staleness``
   optimizer steps old are dropped and counted (``async/dropped_stale_*``);
 - after every ``weight_sync_steps`` optimizer steps (`WeightSyncCallback`) the trainer snapshots its
-  weights and the pusher thread sends them;
+  weights and the pusher thread sends them (each request bounded by ``weight_sync_timeout``; other requests by
+  ``request_timeout``); a ``weight_transfer`` object given to the trainer (TRL's WeightTransferProtocol:
+  ``init_weight_transfer``, ``pause``, ``send_weights``, ``resume``, ``destroy``) replaces the HTTP push, and a
+  ``rollout_worker`` object (``start(model, tokenizer) -> url``, ``stop()``, ``alive()``) the trainer's own worker;
 - at the end of ``train()`` (or on an error) the producer and the worker are stopped; generations made but
   never trained on are counted (``async/unused_generations``).
 
@@ -29,6 +32,7 @@ from transformers import TrainerCallback
 from ..online.async_rollout import AsyncRolloutSource
 from ..online.engines import default_stop_token_ids
 from ..online.pipeline import ScoredRollout
+from ..online.weights import iter_merged_weights
 
 __all__ = ["AsyncGeneration", "WeightSyncCallback"]
 
@@ -42,12 +46,20 @@ class AsyncGeneration:
         self.source: AsyncRolloutSource | None = None
         self._threads_before: int | None = None
         self._idle_seen = 0.0
+        self._transfer_started = self._worker_stopped = False
         #: producer index of the first generation (a resumed run continues the numbering and the seeds)
         self.start_item = 0
 
     @property
     def own_worker(self) -> bool:
-        return not self.trainer.args.vllm_server_base_url
+        """Whether the trainer starts (and stops) the worker: its own `RolloutWorker`, or the ``rollout_worker``
+        object given to the trainer, unless ``vllm_server_base_url`` names a running server."""
+        return getattr(self.trainer, "rollout_worker", None) is not None or not self.trainer.args.vllm_server_base_url
+
+    @property
+    def weight_transfer(self) -> Any:
+        """The trainer's ``weight_transfer`` object (TRL's WeightTransferProtocol), or None: HTTP pushes."""
+        return getattr(self.trainer, "weight_transfer", None)
 
     # ------------------------------------------------------------------------------------ lifecycle
     def set_threads(self) -> None:
@@ -67,17 +79,32 @@ class AsyncGeneration:
         trainer, args = self.trainer, self.trainer.args
         begin = time.perf_counter()
         url = args.vllm_server_base_url
-        if self.own_worker:
+        self._worker_stopped = False
+        given = getattr(trainer, "rollout_worker", None)
+        if given is not None:  # started and stopped by the trainer, like its own
+            self.worker = given
+            url = given.start(trainer.model, trainer.tokenizer)
+        elif self.own_worker:
             extra = ["--max-n", str(max(256, args.num_generations))]
             if args.use_vllm and args.vllm_kv_cache_gb is not None:
                 extra += ["--kv-cache-gb", str(args.vllm_kv_cache_gb)]
             self.worker = RolloutWorker("vllm" if args.use_vllm else "hf", num_threads=args.generation_num_threads,
                                         seed=args.seed, startup_timeout=args.worker_startup_timeout, extra_args=extra)
             url = self.worker.start(trainer.model, trainer.tokenizer)
-        client = RolloutServerClient(url, trainer.tokenizer, timeout=args.vllm_server_timeout,
+        client = RolloutServerClient(url, trainer.tokenizer, timeout=args.request_timeout,
+                                     weight_timeout=args.weight_sync_timeout,
                                      stop_token_ids=default_stop_token_ids(trainer.tokenizer, trainer.model))
+        transfer = self.weight_transfer
+        if transfer is not None:
+            transfer.init_weight_transfer()
+            self._transfer_started = True
         if not self.own_worker:  # an external server holds weights of its own: give it ours
-            client.sync_weights(trainer.model, force=True)
+            if transfer is not None:
+                transfer.pause()
+                transfer.send_weights(iter_merged_weights(trainer.model))
+                transfer.resume()
+            else:
+                client.sync_weights(trainer.model, force=True)
         client.weights_version = trainer.state.global_step
         trainer._engine, trainer._engine_ready = client, True
         per_generation = args.steps_per_generation * args.num_iterations
@@ -90,7 +117,7 @@ class AsyncGeneration:
             client, trainer._prompts, generate=generate, score=lambda rows, rollout: trainer.score(rows, rollout, "train"),
             current_version=lambda: trainer.state.global_step, max_staleness=args.max_staleness,
             queue_maxsize=args.queue_maxsize, max_inflight_tasks=args.max_inflight_tasks,
-            timeout=args.vllm_server_timeout, worker=self.worker, start_item=start_item)
+            timeout=args.vllm_server_timeout, worker=self.worker, start_item=start_item, weight_transfer=transfer)
         trainer.timings["worker_start"] += time.perf_counter() - begin
 
     def stop(self) -> None:
@@ -104,8 +131,12 @@ class AsyncGeneration:
         if trainer._engine is not None and self.source is not None:
             trainer._engine.close()
             trainer._engine, trainer._engine_ready = None, False
-        if self.worker is not None:
+        if self.worker is not None and not self._worker_stopped:
+            self._worker_stopped = True  # a worker given to the trainer may not be idempotent like ours
             self.worker.stop()
+        if self._transfer_started:
+            self._transfer_started = False
+            self.weight_transfer.destroy()
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
             self._threads_before = None

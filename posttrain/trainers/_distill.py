@@ -101,11 +101,9 @@ class DistillTrainerBase(OnlineTrainer):
             out = tokenize_prompt_completion(self.tokenizer, row["prompt"], row["completion"], tools=row.get("tools"))
         except ValueError as err:
             raise ValueError(f"row {index}: {err}") from None
-        limit, ids = self.args.max_prompt_length, out["prompt_ids"]
-        truncated = limit is not None and len(ids) > limit
+        ids, truncated = self.cut_prompt(out["prompt_ids"])
         completion_ids = out["completion_ids"][: self.args.max_completion_length]
-        return {**row, "prompt_ids": ids[-limit:] if truncated else ids, "prompt_truncated": truncated,
-                "completion_ids": completion_ids}
+        return {**row, "prompt_ids": ids, "prompt_truncated": truncated, "completion_ids": completion_ids}
 
     def _has_completions(self, rows: list[dict]) -> bool:
         return bool(rows) and all(r.get("completion_ids") for r in rows)

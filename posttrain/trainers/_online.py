@@ -146,9 +146,10 @@ class OnlineTrainer(PostTrainer):
         cut = sum(data["prompt_truncated"]) if "prompt_truncated" in data.column_names else 0
         if cut:
             self._totals["train/data/truncated_prompts"] = float(cut)
-            logger.warning("max_prompt_length=%s cuts %d of %d training prompts (they keep their last tokens; "
+            side = "first" if getattr(args, "truncation_mode", "keep_end") == "keep_start" else "last"
+            logger.warning("max_prompt_length=%s cuts %d of %d training prompts (they keep their %s tokens; "
                            "counted in data/truncated_prompts). Set max_prompt_length=None to keep whole prompts.",
-                           args.max_prompt_length, cut, len(data))
+                           args.max_prompt_length, cut, len(data), side)
         if args.max_completion_length is None:
             context = getattr(unwrap_model(self.model).config, "max_position_embeddings", None)
             if context is None:
@@ -239,9 +240,17 @@ class OnlineTrainer(PostTrainer):
             ids = encode_prompts(self.tokenizer, [row["prompt"]], self.args.chat_template_kwargs)[0]
         except (ValueError, TypeError) as err:
             raise ValueError(f"cannot tokenize prompt {row['prompt']!r}: {err}") from None
+        ids, truncated = self.cut_prompt(ids)
+        return {**row, "prompt_ids": ids, "prompt_truncated": truncated}
+
+    def cut_prompt(self, ids: list[int]) -> tuple[list[int], bool]:
+        """``ids`` cut to ``max_prompt_length`` tokens, and whether they were: the last ones are kept, or the
+        first with ``truncation_mode='keep_start'`` (the configs with TRL's SFT fields: GKD)."""
         limit = self.args.max_prompt_length
-        truncated = limit is not None and len(ids) > limit
-        return {**row, "prompt_ids": ids[-limit:] if truncated else ids, "prompt_truncated": truncated}
+        if limit is None or len(ids) <= limit:
+            return ids, False
+        keep_start = getattr(self.args, "truncation_mode", "keep_end") == "keep_start"
+        return (ids[:limit] if keep_start else ids[-limit:]), True
 
     def make_collator(self) -> Any:
         return _collate_rows

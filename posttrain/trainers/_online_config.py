@@ -156,7 +156,7 @@ class OnlineConfig(OnlineEngineArgs, AsyncRolloutArgs, PostTrainConfig):
 
 
 @dataclass
-class RewardArgs:
+class RewardFuncArgs:
     """Command-line / YAML reward functions of the online methods."""
 
     # in YAML an entry may also be a mapping {name: ..., <option>: <value>} (checked by posttrain.cli_config)
@@ -168,10 +168,38 @@ class RewardArgs:
         "think_format_reward, get_soft_overlong_punishment), import paths 'package.module:func', or reward model "
         "folders. In YAML an entry may also be a mapping {name: <built-in or path>, <option>: <value>} for a "
         "configured built-in. Default: arithmetic (the built-in task's reward) when no reward model is given."))
+
+
+_REWARD_MODEL_PATH_HELP = ("A trained reward model (folder, hub name or tiny:<spec>), put before the reward functions "
+                           "(as TRL's CLI does, so reward_weights line up the same way). Also "
+                           "--reward_model_name_or_path (TRL's name).")
+
+
+@dataclass
+class RewardArgs(RewardFuncArgs):
+    """`RewardFuncArgs` plus the reward model, for the methods whose TRL config has no ``reward_model_path``."""
+
     reward_model_path: str | None = field(default=None, metadata={
-        "help": "A trained reward model (folder or tiny:<spec>), put before the reward functions (as TRL's CLI "
-                "does, so reward_weights line up the same way). Also --reward_model_name_or_path (TRL's name).",
+        "help": _REWARD_MODEL_PATH_HELP, "aliases": ["--reward_model_name_or_path"]})
+
+
+@dataclass
+class RewardModelPathField:
+    """TRL's ``reward_model_path`` config field (PPO, Online DPO, Nash-MD, XPO): the reward model the trainer
+    loads when no reward model object is passed to it; on the command line the config's flag."""
+
+    reward_model_path: str | None = field(default=None, metadata={
+        "help": _REWARD_MODEL_PATH_HELP + " Loaded by the trainer when no reward model object is passed to it.",
         "aliases": ["--reward_model_name_or_path"]})
+
+
+def with_reward_model_path(reward_funcs: Any, args: Any) -> list:
+    """``reward_funcs`` as a list with ``args.reward_model_path`` (when set) first: the trainers of the configs
+    with `RewardModelPathField` call this when no reward model object was passed."""
+    funcs = [] if reward_funcs is None else (list(reward_funcs) if isinstance(reward_funcs, (list, tuple))
+                                             else [reward_funcs])
+    path = getattr(args, "reward_model_path", None)
+    return [path, *funcs] if path else funcs
 
 
 def _cli_reward(spec: Any) -> Any:
@@ -191,9 +219,13 @@ def _cli_reward(spec: Any) -> Any:
     return spec
 
 
-def reward_trainer_kwargs(script: object, rewards: RewardArgs) -> dict:
+def reward_trainer_kwargs(script: object, rewards: RewardFuncArgs, config: Any = None) -> dict:
     """`MethodSpec.trainer_kwargs` of the online methods: the reward functions from the parsed arguments
-    (the reward model first, then `reward_funcs` in order; `arithmetic` when neither is given)."""
-    funcs: list[Any] = [rewards.reward_model_path] if rewards.reward_model_path else []
+    (the reward model first, then `reward_funcs` in order; `arithmetic` when neither is given). A config with
+    its own ``reward_model_path`` (`RewardModelPathField`) has the trainer load it: it is not added here."""
+    path = getattr(rewards, "reward_model_path", None)
+    funcs: list[Any] = [path] if path else []
     funcs += [_cli_reward(spec) for spec in rewards.reward_funcs or []]
+    if not funcs and getattr(config, "reward_model_path", None):
+        return {"reward_funcs": None}
     return {"reward_funcs": funcs or ["arithmetic"]}

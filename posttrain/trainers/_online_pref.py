@@ -26,7 +26,7 @@ from ..online.judges import BasePairwiseJudge, BaseRankJudge, call_judge, judge_
 from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
 from ._online import OnlineTrainer
-from ._online_config import OnlineConfig
+from ._online_config import OnlineConfig, RewardModelPathField, with_reward_model_path
 from ._online_trl import OnlineTRLFields, OnlineTRLMixin
 
 __all__ = ["OnlinePreferenceConfig", "OnlinePreferenceTrainer", "epoch_value"]
@@ -54,7 +54,7 @@ def _per_epoch(name: str, value: Any, low: float = 0.0, high: float | None = Non
 
 
 @dataclass
-class OnlinePreferenceConfig(OnlineTRLFields, OnlineConfig):
+class OnlinePreferenceConfig(RewardModelPathField, OnlineTRLFields, OnlineConfig):
     """Fields shared by `OnlineDPOConfig`, `XPOConfig` and `NashMDConfig` (TRL's names and defaults)."""
 
     num_generations: int = field(default=2, metadata={"help": "Completions sampled per prompt (a pair)."})
@@ -111,6 +111,13 @@ class OnlinePreferenceTrainer(OnlineTRLMixin, OnlineTrainer):
         if reward_model is not None:
             funcs = [] if reward_funcs is None else (list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs])
             reward_funcs = funcs + [reward_model]
+        elif getattr(args, "reward_model_path", None):  # TRL's field: the reward model to load, scoring first
+            if judge is not None:
+                raise ValueError("pass either judge= or reward_model_path (a reward model), not both: one of them "
+                                 "ranks the pairs")
+            reward_funcs = with_reward_model_path(reward_funcs, args)
+            if isinstance(reward_processing_classes, (list, tuple)):
+                reward_processing_classes = [None, *reward_processing_classes]
         if judge is None and not reward_funcs:
             raise ValueError(f"{type(self).__name__} needs a judge (judge=...) or reward functions (reward_funcs=...) "
                              "to tell the better completion of each pair")
@@ -318,13 +325,13 @@ def make_judge(spec: str, model: str | None = None) -> Any:
                      "an http(s) endpoint or 'package.module:JudgeClass'")
 
 
-def preference_trainer_kwargs(script: object, rewards: Any, judging: JudgeArgs) -> dict:
+def preference_trainer_kwargs(script: object, rewards: Any, judging: JudgeArgs, config: Any = None) -> dict:
     """`MethodSpec.trainer_kwargs`: the judge when one is named, else the reward functions (`arithmetic` by
-    default, as for the other online methods)."""
+    default, as for the other online methods; the config's reward_model_path is loaded by the trainer)."""
     from ._online_config import reward_trainer_kwargs
 
     if judging.judge:
-        if rewards.reward_funcs or rewards.reward_model_path:
+        if rewards.reward_funcs or getattr(config, "reward_model_path", None):
             raise ValueError("give either judge or reward_funcs / reward_model_path, not both")
         return {"judge": make_judge(judging.judge, judging.judge_model)}
-    return reward_trainer_kwargs(script, rewards)
+    return reward_trainer_kwargs(script, rewards, config)

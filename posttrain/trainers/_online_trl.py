@@ -27,7 +27,7 @@ from ._trl_fields import PAD_TO_MULTIPLE_HELP, resolve_pad_to_multiple_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OnlineTRLFields", "OnlineTRLMixin", "ONLINE_INAPPLICABLE"]
+__all__ = ["OnlineTRLFields", "OnlineTRLMixin", "ONLINE_INAPPLICABLE", "warn_pad_to_multiple_of"]
 
 _SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                   "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_new_tokens",
@@ -125,6 +125,15 @@ class OnlineTRLFields:
             raise ValueError("ref_model_mixup_alpha must be in [0, 1] and ref_model_sync_steps >= 1")
 
 
+def warn_pad_to_multiple_of(owner: str, value: int | None) -> None:
+    """Warn (once, at construction) that a ``pad_to_multiple_of`` number does nothing in an online trainer;
+    'auto' resolves to None and stays quiet."""
+    if value is not None:
+        logger.warning("%s: pad_to_multiple_of=%d has no effect here: rollout batches are padded to their longest "
+                       "sequence (rounding is a speed setting for accelerators; results would not change)",
+                       owner, value)
+
+
 class OnlineTRLMixin:
     """Applies `OnlineTRLFields` in an online trainer (mixed in before `OnlineTrainer`)."""
 
@@ -135,10 +144,7 @@ class OnlineTRLMixin:
 
     def _setup_online_trl(self) -> None:
         args = self.args
-        if args.pad_to_multiple_of is not None:  # 'auto' resolves to None: only a number set by the user warns
-            logger.warning("%s: pad_to_multiple_of=%d has no effect here: rollout batches are padded to their "
-                           "longest sequence (rounding is a speed setting for accelerators; results would not "
-                           "change)", type(self).__name__, args.pad_to_multiple_of)
+        warn_pad_to_multiple_of(type(self).__name__, args.pad_to_multiple_of)
         if args.sync_ref_model:
             if self.ref_model is None:
                 raise ValueError("sync_ref_model needs a separate reference model: set beta != 0, and with a PEFT "

@@ -10,6 +10,20 @@ rows when every completion is generated (``lmbda=1`` or ``seq_kd``).
 
 ``temperature`` divides both models' logits in the loss as well as the sampler's (TRL's GKDTrainer applies
 it to sampling only); ``max_new_tokens`` sets ``max_completion_length``.
+
+TRL's GKDConfig subclasses SFTConfig, so it carries SFT's data fields (`posttrain.trainers._trl_fields.
+SFTDataFields`, TRL's defaults). Here:
+
+- ``dataset_text_field``: the column holding each row's conversation, read as ``messages``;
+- ``truncation_mode``: which end of a prompt longer than ``max_prompt_length`` is kept (``keep_start``, TRL's
+  default: the first tokens; ``keep_end``: the last);
+- ``shuffle_dataset``: shuffle the prepared prompts once (seeded) before training; the prompt order of each
+  epoch is a seeded shuffle either way (as TRL's sampler's is);
+- ``completion_only_loss`` (None or True) and ``assistant_only_loss``: the divergence is always taken on the
+  completion tokens only (a conversation's final assistant turn); ``completion_only_loss=False`` is an error;
+- ``packing``, ``eval_packing``, ``packing_strategy``, ``loss_type`` and ``dataset_kwargs`` mean nothing for
+  on-policy distillation (completions are generated per batch; the loss is the generalized JSD): accepted,
+  warned once when set; ``pad_to_multiple_of`` likewise (rollout batches are padded to their longest row).
 """
 
 from __future__ import annotations
@@ -17,15 +31,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..data import TokenizedStream, is_stream, load_any, load_held_out
+from ..online.pipeline import PromptStream
 from ._distill import DistillTrainerBase, TeacherArgs
 from ._online_config import OnlineConfig
+from ._online_trl import warn_pad_to_multiple_of
+from ._trl_fields import SFTDataFields, rename_text_field
 from .registry import register_method
 
 __all__ = ["GKDConfig", "GKDTrainer"]
 
 
 @dataclass
-class GKDConfig(TeacherArgs, OnlineConfig):
+class GKDConfig(SFTDataFields, TeacherArgs, OnlineConfig):
     """Configuration of `GKDTrainer` (TRL's GKDConfig fields and defaults)."""
 
     temperature: float = field(default=0.9, metadata={"help": (
@@ -45,6 +63,10 @@ class GKDConfig(TeacherArgs, OnlineConfig):
 
     def __post_init__(self) -> None:
         self.max_completion_length = self.max_new_tokens
+        self.resolve_sft_data_fields()
+        if self.completion_only_loss is False:
+            raise ValueError("completion_only_loss=False: GKD's divergence is taken on the completion tokens (the "
+                             "ones the student, the teacher or the dataset wrote), never on the prompt; drop it")
         super().__post_init__()
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda={self.lmbda}: expected a probability in [0, 1]")
@@ -61,6 +83,14 @@ class GKDTrainer(DistillTrainerBase):
 
     config_class: ClassVar = GKDConfig
     _tag_names: ClassVar = ["posttrain", "gkd"]
+    inapplicable_fields: ClassVar[dict[str, str]] = {
+        **DistillTrainerBase.inapplicable_fields,
+        "packing": "completions are generated per batch (on-policy): there are no fixed rows to pack",
+        "eval_packing": "completions are generated per batch (on-policy): there are no fixed rows to pack",
+        "packing_strategy": "completions are generated per batch (on-policy): there are no fixed rows to pack",
+        "loss_type": "GKD's loss is the generalized JSD (beta), not SFT's nll/dft",
+        "dataset_kwargs": "GKD tokenizes prompts (and dataset completions) itself: the rollout engine needs them",
+    }
 
     def __init__(self, model: Any = None, teacher_model: Any = None, args: GKDConfig | None = None,
                  data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
@@ -74,12 +104,35 @@ class GKDTrainer(DistillTrainerBase):
                          optimizers, peft_config=peft_config, data_collator=data_collator,
                          compute_metrics=compute_metrics, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
                          **kwargs)
+        warn_pad_to_multiple_of(type(self).__name__, self.args.pad_to_multiple_of)
         a = self.args
         data = self.train_dataset
         if a.lmbda < 1.0 and not a.seq_kd and data is not None and "completion_ids" not in data.column_names:
             raise ValueError(f"GKD with lmbda={a.lmbda} and seq_kd=False trains on the dataset's completions in "
                              f"{1 - a.lmbda:.0%} of the generations, but the dataset has only prompts: give "
                              "prompt-completion or 'messages' data, set lmbda=1 (always on-policy) or seq_kd=True")
+
+    def prepare_dataset(self, dataset: Any, name: str) -> Any:
+        """SFT's ``dataset_text_field`` (the conversation column) and ``shuffle_dataset`` (one seeded shuffle of
+        the training prompts), around the distillation data pipeline."""
+        if dataset is None or is_stream(dataset) or isinstance(dataset, TokenizedStream):
+            return super().prepare_dataset(dataset, name)
+        if self.args.dataset_text_field not in ("text", "messages"):
+            dataset = load_held_out(dataset) if name.startswith("eval") else load_any(dataset)
+            dataset = rename_text_field(dataset, self.args.dataset_text_field, name)
+        prepared = super().prepare_dataset(dataset, name)
+        if name == "train" and self.args.shuffle_dataset:
+            prepared = prepared.shuffle(seed=self.args.seed)
+        return prepared
+
+    def prompt_source(self) -> Any:
+        """The online loop's prompt stream, always a seeded shuffle per epoch (TRL's GKD samples its batches at
+        random; its ``shuffle_dataset`` defaults to False and only adds the one-off shuffle above)."""
+        args = self.args
+        if isinstance(self.train_dataset, TokenizedStream):
+            return super().prompt_source()
+        return PromptStream(self.train_dataset, args.prompts_per_generation, args.world_size, args.process_index,
+                            seed=args.seed, shuffle=True)
 
     def completion_source(self, rows: list[dict], mode: str, round_: int) -> str:
         if mode != "train":

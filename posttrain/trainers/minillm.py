@@ -8,7 +8,8 @@ The GRPO loop (`posttrain.trainers.grpo`, on `posttrain.trainers._online`) with 
    reward ``[N, Lc]``; logits divided by ``kd_temperature``), plus any extra ``reward_funcs``.
 3. **prepare**: the student's log-probs of the samples, then `posttrain.losses.distill.minillm_advantages`:
    per-token returns of ``log p_teacher - log q_student`` (discount ``gamma``, ``length_normalization``),
-   minus the group's mean return; the extra rewards' group-relative advantages are added to every token.
+   minus the group's mean return (left out with ``rkl_advantage=False``); the extra rewards' group-relative
+   advantages are added to every token.
 4. **train**: `posttrain.losses.distill.minillm_loss`: the clipped policy gradient with those per-token
    advantages plus, with ``single_step_decomposition``, the exact reverse KL ``KL(q_t || p_t)`` over the
    vocabulary at every token (from hidden states and both heads in chunks, in the same student forward).
@@ -41,6 +42,10 @@ class MiniLLMConfig(TeacherArgs, GRPOConfig):
     """Configuration of `MiniLLMTrainer` (TRL's MiniLLMConfig fields and defaults, on `GRPOConfig`)."""
 
     disable_dropout: bool = field(default=True, metadata={"help": "Turn off dropout in the student."})
+    rkl_advantage: bool = field(default=True, metadata={"help": (
+        "Add the reverse-KL advantage (returns of log p_teacher - log q_student, minus the group's mean) to the "
+        "extra rewards' advantage. False: the advantage is the extra rewards' alone, and the teacher acts only "
+        "through the single-step term.")})
     single_step_decomposition: bool = field(default=True, metadata={"help": (
         "Add the exact per-token reverse KL over the vocabulary (the paper's single-step decomposition) and "
         "leave the current token out of its return.")})
@@ -85,6 +90,10 @@ class MiniLLMTrainer(GRPOTrainer):
                          processing_class=processing_class, reward_processing_classes=reward_processing_classes,
                          peft_config=peft_config, callbacks=callbacks, optimizers=optimizers, engine=engine, **kwargs)
         attach_teacher(self, teacher_model)
+        a = self.args
+        if not a.rkl_advantage and not a.single_step_decomposition and self.reward_composer is None:
+            raise ValueError("rkl_advantage=False and single_step_decomposition=False leave MiniLLM nothing to "
+                             "learn from without reward_funcs: keep one of them, or give reward functions")
 
     @property
     def uses_reference(self) -> bool:
@@ -127,7 +136,7 @@ class MiniLLMTrainer(GRPOTrainer):
         adv, metrics = minillm_advantages(teacher, student, mask, args.num_generations, gamma=args.gamma,
                                           single_step=args.single_step_decomposition,
                                           length_normalization=args.length_normalization, rewards=rewards,
-                                          scale_rewards=args.scale_rewards)
+                                          scale_rewards=args.scale_rewards, rkl_advantage=args.rkl_advantage)
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["teacher_logps/mean"] = float((teacher * mask).sum() / mask.sum().clamp(min=1))
         metrics["student_logps/mean"] = float((student * mask).sum() / mask.sum().clamp(min=1))
@@ -166,7 +175,7 @@ class MiniLLMTrainer(GRPOTrainer):
         return (loss, None) if return_outputs else loss
 
 
-def _minillm_trainer_kwargs(script: object, rewards: RewardArgs) -> dict:
+def _minillm_trainer_kwargs(script: object, rewards: RewardArgs, config: Any = None) -> dict:
     """The extra reward functions of the command line (none by default: the teacher is the reward)."""
     from ._online_config import reward_trainer_kwargs
 

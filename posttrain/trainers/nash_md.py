@@ -19,7 +19,7 @@ import torch
 from ..losses.online_preference import nash_md_loss
 from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
-from ._online_config import RewardArgs
+from ._online_config import RewardFuncArgs
 from ._online_pref import (JudgeArgs, OnlinePreferenceConfig, OnlinePreferenceTrainer, _per_epoch,
                            preference_trainer_kwargs)
 from .registry import register_method
@@ -91,5 +91,5 @@ class NashMDTrainer(OnlinePreferenceTrainer):
 register_method(
     "nash_md", NashMDConfig, NashMDTrainer,
     help="Nash-MD: policy samples against samples of the policy/reference geometric mixture, judged or rewarded.",
-    extra_args=(RewardArgs, JudgeArgs), trainer_kwargs=preference_trainer_kwargs, task_format="prompt_only",
+    extra_args=(RewardFuncArgs, JudgeArgs), trainer_kwargs=preference_trainer_kwargs, task_format="prompt_only",
 )

@@ -18,7 +18,7 @@ import torch
 from ..losses.online_preference import online_dpo_loss
 from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
-from ._online_config import RewardArgs
+from ._online_config import RewardFuncArgs
 from ._online_pref import JudgeArgs, OnlinePreferenceConfig, OnlinePreferenceTrainer, preference_trainer_kwargs
 from .registry import register_method
 
@@ -86,5 +86,5 @@ class OnlineDPOTrainer(OnlinePreferenceTrainer):
 register_method(
     "online_dpo", OnlineDPOConfig, OnlineDPOTrainer,
     help="Online DPO: pairs sampled from the policy, ranked by reward functions (best vs worst), DPO/IPO loss.",
-    extra_args=(RewardArgs, JudgeArgs), trainer_kwargs=preference_trainer_kwargs, task_format="prompt_only",
+    extra_args=(RewardFuncArgs, JudgeArgs), trainer_kwargs=preference_trainer_kwargs, task_format="prompt_only",
 )

@@ -32,11 +32,11 @@ from ..online.logprobs import batched_completion_logps
 from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
 from ._online import OnlineTrainer
-from ._online_config import OnlineConfig, RewardArgs, reward_trainer_kwargs
+from ._online_config import OnlineConfig, RewardFuncArgs, RewardModelPathField, reward_trainer_kwargs, with_reward_model_path
 from ._value import batched_completion_values, check_value_model, completion_values, default_value_model
 from .registry import register_method
 
-__all__ = ["PPOConfig", "PPOTrainer", "ADVANTAGE_ESTIMATORS"]
+__all__ = ["PPOConfig", "PPOTrainer", "ADVANTAGE_ESTIMATORS", "ppo_batch_sizes"]
 
 ADVANTAGE_ESTIMATORS = ("gae", "reinforce_pp", "reinforce_pp_baseline")
 _VALUE_DIR = "value_model"
@@ -48,12 +48,14 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class PPOConfig(OnlineConfig):
+class PPOConfig(RewardModelPathField, OnlineConfig):
     """Configuration of `PPOTrainer`: TRL's PPOConfig fields (names and defaults) on top of the online fields.
 
     TRL's names map onto the loop's: ``num_ppo_epochs`` is ``num_iterations``, ``num_mini_batches`` optimizer
     steps of ``per_device_train_batch_size * gradient_accumulation_steps`` completions make one generation,
-    ``response_length`` is ``max_completion_length``, ``cliprange`` is ``epsilon``.
+    ``response_length`` is ``max_completion_length``, ``cliprange`` is ``epsilon``. ``reward_model_path`` is
+    loaded when no ``reward_model`` object is passed; its default is None, not TRL's
+    ``"EleutherAI/pythia-160m"`` (a hub model TRL's example script loads; nothing here needs a hub by default).
     """
 
     num_ppo_epochs: int = field(default=4, metadata=_help("Passes over each generation batch (the loop's num_iterations)."))
@@ -84,6 +86,25 @@ class PPOConfig(OnlineConfig):
     ref_adapter_name: str | None = field(default=None, metadata=_help("Accepted for TRL compatibility (unused)."))
     exp_name: str = field(default="ppo", metadata=_help("Name of the experiment (TRL's field)."))
     ds3_gather_for_generation: bool = field(default=True, metadata=_help("Accepted for TRL compatibility."))
+    # ---- TRL's computed sizes: None, filled in by the trainer (`PPOTrainer._fill_batch_sizes`); a value set here
+    # must agree with the run's, else ValueError
+    world_size: int | None = field(default=None, metadata=_help(
+        "Processes of the run (computed; reads the actual number, a value given must match it)."))
+    local_batch_size: int | None = field(default=None, metadata=_help(
+        "Completions one process generates per rollout: per_device_train_batch_size * steps_per_generation "
+        "(= * gradient_accumulation_steps * num_mini_batches by default; computed)."))
+    micro_batch_size: int | None = field(default=None, metadata=_help(
+        "Completions in one forward/backward over all processes: per_device_train_batch_size * world_size (computed)."))
+    batch_size: int | None = field(default=None, metadata=_help(
+        "Completions per rollout over all processes: local_batch_size * world_size (computed)."))
+    mini_batch_size: int | None = field(default=None, metadata=_help(
+        "Completions per optimizer step over all processes: local_mini_batch_size * world_size (computed)."))
+    local_mini_batch_size: int | None = field(default=None, metadata=_help(
+        "Completions per optimizer step on one process: per_device_train_batch_size * gradient_accumulation_steps "
+        "(= local_batch_size / num_mini_batches by default; computed)."))
+    num_total_batches: int | None = field(default=None, metadata=_help(
+        "Rollouts (generation batches) in the run: ceil(total_episodes / batch_size), or what max_steps / "
+        "num_train_epochs amount to (computed; None for a stream of unknown length)."))
     # ---- beyond TRL
     advantage_estimator: str = field(default="gae", metadata=_help(
         "gae: PPO with a critic; reinforce_pp: REINFORCE++ (no critic, returns normalized over the batch); "
@@ -131,6 +152,44 @@ class PPOConfig(OnlineConfig):
             self.max_steps = generations * self.num_iterations * self.steps_per_generation // self.gradient_accumulation_steps
 
 
+def _world_size(self: PPOConfig) -> int:
+    return TrainingArguments.world_size.fget(self)
+
+
+def _declare_world_size(self: PPOConfig, value: int | None) -> None:
+    self.__dict__["_declared_world_size"] = value
+
+
+# TRL's PPOConfig has a ``world_size`` field where TrainingArguments has a property: the field's value is kept as a
+# declaration (checked by the trainer) and reading it still gives the run's number of processes
+PPOConfig.world_size = property(_world_size, _declare_world_size, doc="Processes of the run (TrainingArguments').")
+
+_SIZE_FIELDS = ("world_size", "local_batch_size", "micro_batch_size", "batch_size", "mini_batch_size",
+                "local_mini_batch_size", "num_total_batches")
+
+
+def ppo_batch_sizes(args: PPOConfig, world_size: int, dataset_len: int | None) -> dict[str, int | None]:
+    """TRL's PPO batch sizes, as they are in this run's loop (TRL's definitions: a rollout of ``batch_size``
+    completions over all processes, optimizer steps of ``mini_batch_size``, forwards of ``micro_batch_size``).
+    With ``num_mini_batches=1``, or whenever ``steps_per_generation = gradient_accumulation_steps *
+    num_mini_batches`` (the default), the numbers equal TRL 1.12's ``PPOTrainer`` arithmetic."""
+    local = args.per_device_train_batch_size * args.steps_per_generation
+    local_mini = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    batch = local * world_size
+    steps_per_rollout = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+    if args.total_episodes is not None:
+        total = math.ceil(args.total_episodes / batch)
+    elif args.max_steps > 0:
+        total = math.ceil(args.max_steps / steps_per_rollout)
+    elif dataset_len is not None:
+        total = math.ceil(args.num_train_epochs * dataset_len / batch)
+    else:
+        total = None
+    return {"world_size": world_size, "local_batch_size": local,
+            "micro_batch_size": args.per_device_train_batch_size * world_size, "batch_size": batch,
+            "mini_batch_size": local_mini * world_size, "local_mini_batch_size": local_mini, "num_total_batches": total}
+
+
 def _as_list(funcs: Any) -> list:
     return [] if funcs is None else (list(funcs) if isinstance(funcs, (list, tuple)) else [funcs])
 
@@ -160,6 +219,11 @@ class PPOTrainer(OnlineTrainer):
             raise ValueError("PPOTrainer needs a policy model (model=...)")
         funcs = _as_list(reward_funcs)
         procs = reward_processing_classes
+        if reward_model is None and getattr(args, "reward_model_path", None):
+            # TRL's field: the reward model to load when none is passed; it scores first (as in TRL's script)
+            funcs = with_reward_model_path(funcs, args)
+            if isinstance(procs, (list, tuple)):
+                procs = [None, *procs]
         if reward_model is not None:
             # TRL's reward model reads the policy's tokens: by default it scores with the policy's tokenizer
             if procs is not None and not isinstance(procs, (list, tuple)):
@@ -180,6 +244,27 @@ class PPOTrainer(OnlineTrainer):
             self._build_value_model(self.model)
         if self.value_model is not None:
             self.value_model.to(self.args.device)
+        self._fill_batch_sizes()
+
+    def _fill_batch_sizes(self) -> None:
+        """Fill in TRL's computed size fields (`ppo_batch_sizes`); one the user set to another value is an error."""
+        args = self.args
+        try:
+            length = len(self.train_dataset) if self.train_dataset is not None else None
+        except TypeError:  # a stream
+            length = None
+        sizes = ppo_batch_sizes(args, self.accelerator.num_processes, length)
+        declared = {name: getattr(args, name) for name in _SIZE_FIELDS if name != "world_size"}
+        declared["world_size"] = args.__dict__.get("_declared_world_size")
+        wrong = {k: (v, sizes[k]) for k, v in declared.items() if v is not None and v != sizes[k]}
+        if wrong:
+            detail = "; ".join(f"{k}={v} but this run's is {c}" for k, (v, c) in wrong.items())
+            raise ValueError(f"PPOConfig: {detail}. These sizes are computed from per_device_train_batch_size, "
+                             "gradient_accumulation_steps, num_mini_batches (steps_per_generation), the number of "
+                             "processes and total_episodes / max_steps: leave them unset (None) or change those")
+        for name, value in sizes.items():
+            if name != "world_size":
+                setattr(args, name, value)
 
     # ------------------------------------------------------------------------------ the critic
     @property
@@ -362,5 +447,5 @@ register_method(
     "ppo", PPOConfig, PPOTrainer,
     help="PPO: actor-critic RL with GAE advantages, a value model and a KL-shaped per-token reward "
          "(advantage_estimator=reinforce_pp: REINFORCE++ without a critic).",
-    extra_args=(RewardArgs,), trainer_kwargs=reward_trainer_kwargs, task_format="prompt_only",
+    extra_args=(RewardFuncArgs,), trainer_kwargs=reward_trainer_kwargs, task_format="prompt_only",
 )

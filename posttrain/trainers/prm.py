@@ -46,12 +46,14 @@ class PRMConfig(RewardHeadConfig):
     )
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW (TRL's default)."})
     max_completion_length: int | None = field(default=None, metadata={"help": (
-        "Completion token limit (TRL). Not applied: rows are cut at max_length as a whole, keeping the step labels "
-        "aligned (warned when set).")})
+        "Most tokens of the steps (everything after the prompt) a row keeps, cut before max_length (TRL's order); "
+        "steps cut off lose their label, and rows left without a labelled step are dropped and counted.")})
 
     def __post_init__(self) -> None:
         if not self.step_separator:
             raise ValueError("step_separator must be a non-empty string")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length={self.max_completion_length}: expected None or >= 1")
         super().__post_init__()
 
 
@@ -64,10 +66,6 @@ class PRMTrainer(RewardHeadTrainer):
     num_labels: ClassVar[int] = 2
     peft_task_type: ClassVar[str] = "TOKEN_CLS"
     _tag_names: ClassVar = ["posttrain", "prm"]
-    inapplicable_fields: ClassVar[dict[str, str]] = {
-        **RewardHeadTrainer.inapplicable_fields,
-        "max_completion_length": "rows are cut at max_length as a whole, so step labels stay aligned",
-    }
 
     def __init__(
         self,
@@ -103,7 +101,7 @@ class PRMTrainer(RewardHeadTrainer):
         args: PRMConfig = self.args
         out = encode_steps(
             self.tokenizer, row["prompt"], row["completions"], separator=args.step_separator,
-            labels=row["labels"], max_length=args.max_length,
+            labels=row["labels"], max_length=args.max_length, max_completion_length=args.max_completion_length,
         )
         # Not named "labels": datasets.map would keep the input column's bool type for a same-named output.
         return {"input_ids": out["input_ids"], "step_labels": out["labels"], "truncated": out["truncated"]}
@@ -115,7 +113,8 @@ class PRMTrainer(RewardHeadTrainer):
             return tokenized
         keep = [any(y != IGNORE_INDEX for y in labels)
                 for labels in tokenized.with_format("arrow")["step_labels"].to_pylist()]
-        return self.drop_rows_without_loss(tokenized, name, keep, "max_length cut off every step's separator")
+        return self.drop_rows_without_loss(tokenized, name, keep,
+                                           "max_length / max_completion_length cut off every step's separator")
 
     def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
         return {"keep": lambda row: any(y != IGNORE_INDEX for y in row["step_labels"])}

@@ -14,8 +14,8 @@ class MethodSpec:
     """What the CLI needs to run one method.
 
     `extra_args` are additional dataclasses parsed from the same YAML and flags (for example the reward
-    functions of GRPO); `trainer_kwargs` turns the parsed extra dataclasses into keyword arguments for the
-    trainer (beyond model, args, datasets, tokenizer and PEFT config, which the CLI always passes).
+    functions of GRPO); `trainer_kwargs(script, *extras, config)` turns the parsed extra dataclasses (and the
+    parsed config, last) into keyword arguments for the trainer (beyond model, args, datasets, tokenizer and PEFT config, which the CLI always passes).
     `dataset_split` is the data format the built-in task should produce for this method.
     """
 

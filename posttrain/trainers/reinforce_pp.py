@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ._online_config import RewardArgs, reward_trainer_kwargs
+from ._online_config import RewardFuncArgs, reward_trainer_kwargs
 from .ppo import PPOConfig, PPOTrainer
 from .registry import register_method
 
@@ -51,5 +51,5 @@ register_method(
     "reinforce_pp", ReinforcePPConfig, ReinforcePPTrainer,
     help="REINFORCE++: PPO's clipped update without a critic, returns-to-go normalized over the batch "
          "(advantage_estimator=reinforce_pp_baseline: per-prompt mean baseline first).",
-    extra_args=(RewardArgs,), trainer_kwargs=reward_trainer_kwargs, task_format="prompt_only",
+    extra_args=(RewardFuncArgs,), trainer_kwargs=reward_trainer_kwargs, task_format="prompt_only",
 )

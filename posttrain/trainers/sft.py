@@ -31,7 +31,7 @@ from ..losses.sft import sft_loss
 from ..ops import token_logps
 from ..ops.forward import prediction_mask
 from ._loss_items import LossItemsMixin
-from ._trl_fields import PAD_TO_MULTIPLE_HELP, resolve_pad_to_multiple_of
+from ._trl_fields import SFTDataFields, rename_text_field
 from .base import PostTrainConfig, PostTrainer
 from .registry import register_method
 
@@ -44,69 +44,19 @@ __all__ = ["SFTConfig", "SFTTrainer"]
 
 
 @dataclass
-class SFTConfig(PostTrainConfig):
+class SFTConfig(SFTDataFields, PostTrainConfig):
     """Configuration of `SFTTrainer` (field names follow TRL's SFTConfig where they overlap)."""
 
     learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate of AdamW."})
-    dataset_text_field: str = field(
-        default="text",
-        metadata={"help": "Column holding the text (or the conversation) of language-modeling rows."})
     padding_free: bool = field(
         default=True,
         metadata={"help": "Flatten each batch into one row with per-sequence position ids: no compute on padding, "
                   "and sequences never attend to each other."},
     )
-    packing: bool = field(
-        default=False,
-        metadata={"help": "Pack tokenized rows into rows of up to max_length (best-fit decreasing), keeping "
-                  "per-sequence position ids so packed sequences stay isolated."},
-    )
-    completion_only_loss: bool | None = field(
-        default=None,
-        metadata={"help": "Loss on completion tokens only for prompt-completion data. None: yes."},
-    )
-    assistant_only_loss: bool = field(
-        default=False,
-        metadata={"help": "Loss on assistant turns only for conversational language-modeling data (as TRL, off by "
-                  "default: the loss covers the whole conversation)."},
-    )
-    loss_type: str = field(
-        default="nll",
-        metadata={"help": "nll: cross-entropy; dft: dynamic fine-tuning (token NLL weighted by its detached "
-                  "probability, Wu et al. 2025)."},
-    )
     log_entropy: bool = field(default=False, metadata={"help": "Also compute and log the mean token entropy."})
-    packing_strategy: str = field(default="bfd", metadata={"help": (
-        "With packing: 'bfd' (best-fit decreasing; rows longer than max_length are truncated first), 'bfd_split' "
-        "(long rows are split into pieces that are packed instead), 'wrapped' (all rows concatenated and cut every "
-        "max_length tokens, mid-sequence).")})
-    eval_packing: bool | None = field(default=None, metadata={"help": "Pack the eval dataset (None: as packing)."})
-    pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": PAD_TO_MULTIPLE_HELP})
-    truncation_mode: str = field(default="keep_start", metadata={"help": (
-        "Rows longer than max_length: 'keep_start' keeps the first tokens; 'keep_end' (deprecated in TRL) the last.")})
-    shuffle_dataset: bool = field(default=False, metadata={"help": (
-        "Shuffle the prepared training dataset once (seeded) before training (the sampler shuffles each epoch "
-        "anyway; this also mixes what packing puts together).")})
-    dataset_kwargs: dict | str | None = field(default=None, metadata={"help": (
-        "Dataset preparation options (TRL): {\"skip_prepare_dataset\": true} uses an already tokenized dataset "
-        "(input_ids) as is, with no formatting or template step; any other key is an error.")})
 
     def __post_init__(self) -> None:
-        if self.loss_type not in ("nll", "dft"):
-            raise ValueError(f"loss_type must be 'nll' or 'dft', got {self.loss_type!r}")
-        if self.packing_strategy == "bfd-requeue":  # TRL's former name
-            self.packing_strategy = "bfd_split"
-        if self.packing_strategy not in ("bfd", "bfd_split", "wrapped"):
-            raise ValueError(f"packing_strategy={self.packing_strategy!r}: expected 'bfd', 'bfd_split' or 'wrapped'")
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"truncation_mode={self.truncation_mode!r}: expected 'keep_start' or 'keep_end'")
-        if isinstance(self.dataset_kwargs, str):
-            import json
-            self.dataset_kwargs = json.loads(self.dataset_kwargs)
-        unknown = sorted(set(self.dataset_kwargs or {}) - {"skip_prepare_dataset"})
-        if unknown:
-            raise ValueError(f"dataset_kwargs: unsupported keys {unknown} (supported: skip_prepare_dataset)")
-        self.pad_to_multiple_of = resolve_pad_to_multiple_of(self.pad_to_multiple_of)
+        self.resolve_sft_data_fields()
         super().__post_init__()
 
 
@@ -242,17 +192,7 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         if self.formatting_func is not None:
             return dataset.map(self._formatting_row(), with_indices=True, remove_columns=columns,
                                num_proc=self.args.dataset_num_proc, desc=f"Applying formatting_func to {name}")
-        text_field = self.args.dataset_text_field
-        if text_field in ("text", "messages"):
-            return dataset
-        if text_field not in columns:
-            raise DatasetFormatError(f"{name}: dataset_text_field={text_field!r} names no column of the dataset "
-                                     f"(columns: {sorted(columns)})")
-        first = next((v for v in dataset.with_format("arrow")[text_field].to_pylist() if v is not None), None)
-        target = "messages" if isinstance(first, list) else "text"
-        if target in columns:
-            dataset = dataset.remove_columns(target)
-        return dataset.rename_column(text_field, target)
+        return rename_text_field(dataset, self.args.dataset_text_field, name)
 
     def prepare_dataset(self, dataset: Any, name: str):
         if is_stream(dataset):

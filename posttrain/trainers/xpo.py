@@ -18,7 +18,7 @@ import torch
 from ..losses.online_preference import xpo_loss
 from ..online.pipeline import ScoredRollout
 from ..online.rollout_batch import RolloutBatch
-from ._online_config import RewardArgs
+from ._online_config import RewardFuncArgs
 from ._online_pref import (JudgeArgs, OnlinePreferenceConfig, OnlinePreferenceTrainer, _per_epoch,
                            preference_trainer_kwargs)
 from .registry import register_method
@@ -97,5 +97,5 @@ class XPOTrainer(OnlinePreferenceTrainer):
 register_method(
     "xpo", XPOConfig, XPOTrainer,
     help="XPO: online DPO on (policy, reference) sample pairs plus an exploration bonus alpha * log pi(y_ref).",
-    extra_args=(RewardArgs, JudgeArgs), trainer_kwargs=preference_trainer_kwargs, task_format="prompt_only",
+    extra_args=(RewardFuncArgs, JudgeArgs), trainer_kwargs=preference_trainer_kwargs, task_format="prompt_only",
 )

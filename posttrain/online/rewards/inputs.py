@@ -127,6 +127,7 @@ def encode_steps(
     separator: str = "\n",
     labels: Sequence[bool] | None = None,
     max_length: int | None = None,
+    max_completion_length: int | None = None,
 ) -> dict[str, Any]:
     """Token ids of a stepwise solution for a process reward model.
 
@@ -134,20 +135,26 @@ def encode_steps(
     tokenized on their own, so the separator is always whole tokens. The score of step ``k`` is read at the
     last token of the separator that follows it. Returns ``{"input_ids", "step_positions", "truncated"}``
     and, with `labels`, a per-token ``"labels"`` list (1/0 at step positions, -100 elsewhere). With
-    `max_length` the sequence keeps its first `max_length` tokens; steps cut off lose their position.
+    `max_length` the sequence keeps its first `max_length` tokens, and with `max_completion_length` the steps
+    (all after the prompt) keep their first `max_completion_length` tokens (cut first, as TRL's PRMTrainer
+    does); steps cut off lose their position.
     """
     if labels is not None and len(labels) != len(steps):
         raise ValueError(f"{len(labels)} labels for {len(steps)} steps")
     sep = separator_ids(tokenizer, separator)
     ids = _prompt_ids(tokenizer, prompt)
+    prompt_end = len(ids)
     positions = []
     for step in steps:
         ids += list(tokenizer(step, add_special_tokens=False)["input_ids"]) + sep
         positions.append(len(ids) - 1)
-    truncated = max_length is not None and len(ids) > max_length
+    limit = max_length
+    if max_completion_length is not None:
+        limit = prompt_end + max_completion_length if limit is None else min(limit, prompt_end + max_completion_length)
+    truncated = limit is not None and len(ids) > limit
     if truncated:
-        ids = ids[:max_length]
-        positions = [p for p in positions if p < max_length]
+        ids = ids[:limit]
+        positions = [p for p in positions if p < limit]
     out: dict[str, Any] = {"input_ids": ids, "step_positions": positions, "truncated": truncated}
     if labels is not None:
         token_labels = [IGNORE_INDEX] * len(ids)
