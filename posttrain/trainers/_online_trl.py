@@ -137,10 +137,7 @@ def warn_pad_to_multiple_of(owner: str, value: int | None) -> None:
 class OnlineTRLMixin:
     """Applies `OnlineTRLFields` in an online trainer (mixed in before `OnlineTrainer`)."""
 
-    inapplicable_fields: ClassVar[dict[str, str]] = {
-        "router_aux_loss_coef": "the mixture-of-experts router loss is not added to the policy loss",
-        **ONLINE_INAPPLICABLE,
-    }
+    inapplicable_fields: ClassVar[dict[str, str]] = dict(ONLINE_INAPPLICABLE)
 
     def _setup_online_trl(self) -> None:
         args = self.args

@@ -38,8 +38,9 @@ class TRLSharedFields:
         "Keep the activations saved for the backward pass in (pinned) host memory, saving accelerator memory at "
         "the cost of transfers. No effect on a CPU (warned).")})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": (
-        "Mixture-of-experts load-balancing loss weight (TRL). posttrain computes log-probs from hidden states and "
-        "does not add the router loss: accepted for compatibility, warned when set.")})
+        "Weight of a mixture-of-experts model's router load-balancing loss, added to the method's loss. None: the "
+        "model config's own coefficient (on by default for MoE models, as in TRL); 0 turns it off; warned for a "
+        "dense model.")})
     pad_token: str | None = field(default=None, metadata={"help": (
         "Token to pad with (must be in the vocabulary). Default: the tokenizer's pad token, else its EOS.")})
     eos_token: str | None = field(default=None, metadata={"help": (

@@ -35,6 +35,7 @@ from ..ops.memory import tune_cpu_allocator
 from ._args import as_method_config, seed_run
 from ._compat import (activation_offloading_context, apply_token_fields, disable_dropout_in_model, model_from_init,
                       quantized_model_kwargs, read_chat_template_path, warn_inapplicable)
+from ._router_aux import RouterAuxLoss
 from ._trl_fields import TRLSharedFields
 from .callbacks import LossPlotCallback, ReleaseBuffersCallback, RichProgressCallback
 
@@ -206,6 +207,10 @@ class PostTrainer(Trainer):
             model = apply_peft(model, peft_config)
         if args.gradient_checkpointing and is_peft_model(model):
             model.enable_input_require_grads()
+        if hasattr(args, "router_aux_loss_coef"):  # a MoE model's load-balancing loss, on by default as in TRL
+            router = RouterAuxLoss(model, args.router_aux_loss_coef, type(self).__name__)
+            if router.enabled:
+                self.compute_loss = router.wrap(self.compute_loss, self.store_metrics)
         self.args = args  # prepare_dataset reads it before Trainer.__init__ sets it
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._totals: dict[str, float] = defaultdict(float)
@@ -263,10 +268,7 @@ class PostTrainer(Trainer):
 
     #: Config fields this trainer accepts for TRL compatibility that do nothing here, with the reason; the ones
     #: set to a non-default value are warned about once, at construction. Subclasses extend it.
-    inapplicable_fields: ClassVar[dict[str, str]] = {
-        "router_aux_loss_coef": "the mixture-of-experts router loss is not added (log-probs come from hidden "
-                                "states; router logits are not computed)",
-    }
+    inapplicable_fields: ClassVar[dict[str, str]] = {}
 
     def _warn_inapplicable_fields(self, args: PostTrainConfig, model: torch.nn.Module) -> None:
         reasons = dict(self.inapplicable_fields)
