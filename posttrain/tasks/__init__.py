@@ -10,7 +10,7 @@ from .arithmetic import (
     format_reward,
     solve,
 )
-from .evaluate import ExactMatchCallback, exact_match
+from .evaluate import ExactMatchCallback, exact_match, tool_exact_match
 
 __all__ = [
     "ArithmeticTask",
@@ -23,4 +23,5 @@ __all__ = [
     "extract_answer",
     "format_reward",
     "solve",
+    "tool_exact_match",
 ]

@@ -15,7 +15,7 @@ from ..online.engine_hf import HFEngine
 from ..online.engines import RolloutEngine, SamplingParams, default_stop_token_ids
 from .arithmetic import accuracy_reward
 
-__all__ = ["ExactMatchCallback", "exact_match", "greedy_completions"]
+__all__ = ["ExactMatchCallback", "exact_match", "greedy_completions", "tool_exact_match"]
 
 
 def _as_prompt(prompt: Any, conversational: bool) -> Any:
@@ -80,6 +80,50 @@ def exact_match(
     accuracy = sum(scores) / len(scores)
     if return_samples:
         return accuracy, [(p, c, s == 1.0) for p, c, s in zip(prompts, completions, scores)]
+    return accuracy
+
+
+def tool_exact_match(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Any,
+    *,
+    tools: Sequence[Any] | None = None,
+    environment_factory: Any = None,
+    max_new_tokens: int = 96,
+    max_tool_calling_iterations: int | None = None,
+    batch_size: int = 64,
+    return_samples: bool = False,
+    engine: RolloutEngine | None = None,
+) -> float | tuple[float, list[tuple[Any, list[dict], bool]]]:
+    """Fraction of `dataset` rows (conversational ``prompt``, ``answer``, and whatever columns the
+    environment's ``reset`` reads) whose greedy *multi-turn* rollout with the tools ends in an ``<answer>``
+    equal to ``answer``.
+
+    It runs the rollout loop the online trainers train with (`posttrain.online.multiturn.Agent`: the tool
+    schemas in the prompt, calls parsed and executed, results appended, until the model answers,
+    ``max_tool_calling_iterations`` or ``max_new_tokens`` generated plus tool tokens), on ``engine`` (default:
+    the HF engine on ``model``), so a model is scored on what training optimized. Without ``tools`` and
+    ``environment_factory`` it is `exact_match` (one turn, no schema). With ``return_samples=True`` also
+    returns ``(prompt, messages, correct)`` per row."""
+    from ..online.multiturn import Agent, AgentSpec
+
+    if not tools and environment_factory is None:
+        return exact_match(model, tokenizer, dataset, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           conversational=True, return_samples=return_samples, engine=engine)
+    rows = list(dataset)
+    if not rows:
+        raise ValueError("tool_exact_match needs a non-empty dataset with 'prompt' and 'answer' columns")
+    if engine is None:
+        engine = HFEngine(model, tokenizer, max_batch_size=batch_size)
+    agent = Agent(AgentSpec(tools, environment_factory), tokenizer, num_generations=1,
+                  max_completion_length=max_new_tokens, max_tool_calling_iterations=max_tool_calling_iterations)
+    rollout, _ = agent.rollout(None, engine, rows, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+                               default_stop_token_ids(tokenizer, model, end_of_turn=True))
+    scores = accuracy_reward(None, rollout.messages, [str(r["answer"]) for r in rows])
+    accuracy = sum(scores) / len(scores)
+    if return_samples:
+        return accuracy, [(r["prompt"], m, s == 1.0) for r, m, s in zip(rows, rollout.messages, scores)]
     return accuracy
 
 

@@ -98,38 +98,42 @@ class LookupTask:
             {"prompt": [{"role": "user", "content": self.question(e["key"])}], "table": json.dumps(e["table"]),
              "answer": e["answer"]} for e in self._episodes(n, split)])
 
-    def sft_transcripts(self, n: int, split: str = "sft") -> datasets.Dataset:
-        """Whole episodes for SFT: ``messages`` (the call, its result, the answer) and the ``tools`` they use."""
+    def sft_transcripts(self, n: int, split: str = "sft", answer_only: float = 0.0,
+                        wrong_key: float = 0.0) -> datasets.Dataset:
+        """Whole episodes for SFT: ``messages`` (the call, its result, the answer) and the ``tools`` they use.
+
+        ``answer_only``: the share of rows (seeded) where the demonstrator, who sees the table, skips the call
+        and states the value at once (the tool is still offered). A model cannot copy that (the value is not in
+        its prompt), so on those rows it learns to guess; SFT on the mix leaves a model that often answers
+        without looking, which online RL with the tool then moves to the call that pays (as the quickstart's
+        ``sft_answer_only`` does for worked sums).
+
+        ``wrong_key``: the share of the calling rows (seeded) where a careless demonstrator looks up the first
+        key (``a``) whatever was asked, and answers with what the tool returned (wrong unless ``a`` was asked
+        or the values agree). Every row still shows the copy of the tool's result into the answer, so SFT
+        learns that copy from all of them, while its greedy call follows the careless majority; online RL,
+        rewarded for the right answer, moves the call to the asked key."""
+        for name, share in (("answer_only", answer_only), ("wrong_key", wrong_key)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be a fraction in [0, 1], got {share}")
+        careless = random.Random(f"{self.seed}-{split}-wrong-key")
         tools = json.dumps(self.tools())
+        rng = random.Random(f"{self.seed}-{split}-answer-only")
         rows = []
         for e in self._episodes(n, split):
-            call = {"name": "lookup", "arguments": {"key": e["key"]}}
+            question = {"role": "user", "content": self.question(e["key"])}
+            answer = {"role": "assistant", "content": f"<answer>{e['answer']}</answer>"}
+            if answer_only > 0 and rng.random() < answer_only:
+                rows.append({"messages": [question, answer], "tools": tools})
+                continue
+            key = "a" if wrong_key > 0 and careless.random() < wrong_key else e["key"]
+            value = e["table"][key]
+            call = {"name": "lookup", "arguments": {"key": key}}
             rows.append({"messages": [
-                {"role": "user", "content": self.question(e["key"])},
+                question,
                 {"role": "assistant", "content": "", "tool_calls": [call]},
-                {"role": "tool", "name": "lookup", "content": e["answer"]},
-                {"role": "assistant", "content": f"<answer>{e['answer']}</answer>"},
+                {"role": "tool", "name": "lookup", "content": value},
+                {"role": "assistant", "content": f"<answer>{value}</answer>"},
             ], "tools": tools})
         return datasets.Dataset.from_list(rows)
 
-
-def agent_accuracy(model: Any, tokenizer: Any, dataset: datasets.Dataset, *, use_tool: bool = True,
-                   max_new_tokens: int = 96, max_tool_calling_iterations: int = 2) -> float:
-    """Greedy held-out accuracy on prompt-only rows: with the tool (multi-turn rollouts against
-    `LookupEnv`, as in training; ``max_new_tokens`` covers the call, its result and the answer) or without
-    it (one turn, no tool schema in the prompt)."""
-    from ..online.engine_hf import HFEngine
-    from ..online.engines import SamplingParams, default_stop_token_ids
-    from ..online.multiturn import Agent, AgentSpec
-    from .evaluate import exact_match
-
-    engine = HFEngine(model, tokenizer)
-    if not use_tool:
-        return float(exact_match(model, tokenizer, dataset, max_new_tokens=max_new_tokens, engine=engine))
-    agent = Agent(AgentSpec(environment_factory=LookupEnv), tokenizer, num_generations=1,
-                  max_completion_length=max_new_tokens, max_tool_calling_iterations=max_tool_calling_iterations)
-    rows = list(dataset)
-    rollout, _ = agent.rollout(None, engine, rows, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
-                               default_stop_token_ids(tokenizer, model, end_of_turn=True))
-    scores = lookup_accuracy(None, rollout.messages, [r["answer"] for r in rows])
-    return sum(scores) / len(scores)
