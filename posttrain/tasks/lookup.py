@@ -3,8 +3,9 @@
 Why this task: the value is *not* in the prompt, only in the environment, so a model without the tool
 is at chance (1 in 10) however well it is trained, and a model with it must (1) call the tool with the
 right key, copied from the question, and (2) copy the tool's result into its answer. Both are a single
-token of copying, which a tiny model learns from a few hundred SFT steps on a CPU, and which GRPO then
-sharpens; so the task shows in seconds that tool use is learned and that it is what raises accuracy.
+token of copying, which a tiny model learns from a few hundred SFT steps on a CPU (the key within ~40 steps
+at batch 16, the tool's result only after a plateau of 140 or more), so the task shows that tool use is
+learned and that it is what raises accuracy.
 
 One episode::
 
