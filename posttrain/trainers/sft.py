@@ -26,6 +26,8 @@ from transformers.trainer_utils import EvalPrediction
 from ..data import DatasetFormatError, DatasetKind, FormatInfo, PaddingCollator, PaddingFreeCollator, load_any, load_held_out
 from ..data.packing import pack_wrapped, split_long_rows
 from ..data.streaming import is_stream
+from ..data.vision import VisionCollator, row_images, tokenize_vision_messages, vision_inputs
+from ..models import uses_mrope
 from ..data import pack_dataset, tokenize_messages, tokenize_prompt_completion, tokenize_text, validate_dataset
 from ..losses.sft import sft_loss
 from ..ops import token_logps
@@ -154,8 +156,11 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         args: SFTConfig = self.args
         tok = self.tokenizer
+        images = None
         if info.kind == DatasetKind.TOKENIZED:
             input_ids, mask = _pretokenized(row, completion_only=args.completion_only_loss is not False)
+        elif self.processor is not None and info.conversational:
+            input_ids, mask, images = self._tokenize_vision(row, info)
         elif info.kind == DatasetKind.PROMPT_COMPLETION:
             out = tokenize_prompt_completion(tok, row["prompt"], row["completion"], tools=row.get("tools"))
             input_ids = out["prompt_ids"] + out["completion_ids"]
@@ -174,9 +179,40 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
             input_ids, mask = input_ids[-args.max_length:], mask[-args.max_length:]
         elif truncated:
             input_ids, mask = input_ids[: args.max_length], mask[: args.max_length]
-        return {"input_ids": input_ids, "completion_mask": mask, "truncated": truncated}
+        out = {"input_ids": input_ids, "completion_mask": mask, "truncated": truncated}
+        if images is not None:
+            if truncated and images:
+                raise ValueError(f"a row with {len(images)} image(s) is longer than max_length={args.max_length}: "
+                                 "cutting it would cut its image tokens apart from its pixels; raise max_length")
+            out["images"] = images
+        return out
+
+    def _tokenize_vision(self, row: dict, info: FormatInfo) -> tuple[list[int], list[int], list[Any] | None]:
+        """A conversational row through the VLM's processor: image tokens expanded, never in the loss. Returns
+        the ids, the loss mask and the row's images (None when the dataset has no image column)."""
+        args: SFTConfig = self.args
+        images = row_images(row) if info.image_column else []
+        if info.kind == DatasetKind.PROMPT_COMPLETION:
+            prompt = list(row["prompt"])
+            out = tokenize_vision_messages(self.processor, prompt + list(row["completion"]), images,
+                                           tools=row.get("tools"), prompt_messages=len(prompt))
+            completion_only = args.completion_only_loss is not False
+        else:
+            out = tokenize_vision_messages(self.processor, row["messages"], images, tools=row.get("tools"))
+            completion_only = args.assistant_only_loss
+        if completion_only:
+            mask = out["assistant_mask"]
+        else:
+            mask = [1 - m for m in out["image_mask"]]
+        return out["input_ids"], mask, (images if info.image_column else None)
 
     def check_format(self, info: FormatInfo) -> None:
+        if info.image_column and self.processor is None:
+            raise ValueError(f"the dataset has images (an {info.image_column!r} column) but processing_class is a "
+                             "tokenizer: pass the model's processor (AutoProcessor) to read them")
+        if info.image_column and not info.conversational:
+            raise ValueError("images go with conversational rows (content parts {'type': 'image'}); this dataset "
+                             "holds plain text")
         if self.args.assistant_only_loss and info.kind is DatasetKind.LANGUAGE_MODELING and not info.conversational:
             raise ValueError("assistant_only_loss=True needs conversational data (a 'messages' column); this "
                              "dataset holds plain text, which has no assistant turns")
@@ -278,9 +314,18 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
 
     def make_collator(self) -> Any:
         pad_id = self.tokenizer.pad_token_id
-        if self.args.padding_free or self.args.packing:
-            return PaddingFreeCollator(pad_to_multiple_of=self.args.pad_to_multiple_of, pad_token_id=pad_id)
-        return PaddingCollator(pad_token_id=pad_id, pad_to_multiple_of=self.args.pad_to_multiple_of)
+        flat = self.args.padding_free or self.args.packing
+        if flat and self.processor is not None and uses_mrope(self._model_config):
+            if self.args.packing:
+                raise ValueError("packing=True: this model computes M-RoPE position ids from its images, which "
+                                 "packed rows cannot give it; train with packing=False")
+            logger.info("padded batches: this model's M-RoPE position ids cannot be given padding-free")
+            flat = False
+        if flat:
+            collator = PaddingFreeCollator(pad_to_multiple_of=self.args.pad_to_multiple_of, pad_token_id=pad_id)
+        else:
+            collator = PaddingCollator(pad_token_id=pad_id, pad_to_multiple_of=self.args.pad_to_multiple_of)
+        return VisionCollator(self.processor, collator) if self.processor is not None else collator
 
     # ------------------------------------------------------------------------------------------ loss
     def count_loss_items(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -302,6 +347,7 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
             with_entropy=self.args.log_entropy,
             with_argmax=True,
             chunk_size=self.args.logits_chunk_size,
+            **vision_inputs(inputs),
         )
         mask = out.mask if getattr(out, "mask", None) is not None else mask
         # Token mean over the optimizer step's completion tokens (all micro-batches, all processes).
@@ -328,7 +374,7 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         loss tokens."""
         labels = inputs["input_ids"].masked_fill(~inputs["completion_mask"].bool(), -100)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        position_ids=inputs.get("position_ids"), use_cache=False)
+                        position_ids=inputs.get("position_ids"), use_cache=False, **vision_inputs(inputs))
         loss = self._user_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
@@ -341,12 +387,14 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         ids = inputs["input_ids"]
         labels = ids.masked_fill(~inputs["completion_mask"].bool(), -100)
         if "seq_lens" not in inputs:
-            logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), use_cache=False,
+                           **vision_inputs(inputs)).logits
             return logits, labels
         if self.args.packing:
             raise ValueError("compute_metrics and predict() need one row per example, but packing=True packs "
                              "several examples per row; evaluate without packing (packing=False)")
-        logits = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False).logits[0]
+        logits = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False,
+                       **vision_inputs(inputs)).logits[0]
         lengths = [int(n) for n in inputs["seq_lens"]]
         return _rows(logits, lengths), _rows(labels[0], lengths)
 
