@@ -205,8 +205,14 @@ def freeze_vision(model: nn.Module, tower: bool = True, projector: bool = False)
 
 
 def language_model_prefix(model: nn.Module) -> str:
-    """The qualified name of a VLM's language model (where LoRA adapters go), e.g. `model.language_model`."""
-    for name, _ in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "language_model":
-            return name
-    raise ValueError(f"{type(model).__name__} has no `language_model` module")
+    """The qualified name of a VLM's language model (where LoRA adapters go): `model.language_model` (LLaVA,
+    Qwen2-VL), `model.text_model` (Idefics3/SmolVLM)."""
+    names = [name for name, _ in model.named_modules()]
+    for wanted in _LANGUAGE_NAMES:
+        found = next((n for n in names if n.rsplit(".", 1)[-1] == wanted), None)
+        if found is not None:
+            return found
+    raise ValueError(f"{type(model).__name__} has no language model module (looked for {list(_LANGUAGE_NAMES)})")
+
+
+_LANGUAGE_NAMES = ("language_model", "text_model")
