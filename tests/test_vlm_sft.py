@@ -184,3 +184,68 @@ def test_image_parts_without_image_column_and_tokenizer_only():
     model, processor = build_tiny_vlm("vlm")
     with pytest.raises(ValueError, match="processing_class is a tokenizer"):
         SFTTrainer(model, args=_args(), train_dataset=_rows(), processing_class=processor.tokenizer)
+
+
+def _tiny_qwen2_vl():
+    """A tiny Qwen2-VL (M-RoPE) with its real processor. Test-only construction: Qwen2VLProcessor insists on a
+    video processor, whose base class needs torchvision, so the class check is skipped for the image-only one."""
+    import copy
+    from unittest import mock
+
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+
+    from posttrain.models import build_tokenizer
+
+    tok = copy.deepcopy(build_tokenizer())
+    names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": names})
+    ids = dict(zip(names, tok.convert_tokens_to_ids(names)))
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                               size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None):
+        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None,
+                                     chat_template=tok.chat_template)
+    return model, processor
+
+
+def test_qwen2_vl_mrope_trains_on_the_padded_path():
+    torch.set_num_threads(1)
+    model, processor = _tiny_qwen2_vl()
+    trainer = SFTTrainer(model, args=_args(padding_free=True, assistant_only_loss=True), train_dataset=_rows() * 2,
+                         processing_class=processor)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert "position_ids" not in batch and {"image_grid_thw", "mm_token_type_ids"} <= set(batch)
+    row = trainer.train_dataset[2]
+    tok = processor.tokenizer
+    assert tok.decode([i for i, m in zip(row["input_ids"], row["completion_mask"]) if m]) == \
+        "green blue<|im_end|>yes<|im_end|>"
+    # images of different sizes: a different number of image tokens each (one per merged 8x8-pixel patch)
+    assert sum(t == processor.image_token_id for t in row["input_ids"]) == int(
+        batch["image_grid_thw"][1:].prod(-1).sum()) // 4
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.5
+
+
+def test_lora_sft_on_a_vlm():
+    torch.set_num_threads(1)
+    model, processor = build_tiny_vlm("vlm")
+    trainer = SFTTrainer(model, args=_args(max_steps=3, learning_rate=1e-2), train_dataset=_rows(),
+                         processing_class=processor, peft_config={"r": 4, "lora_alpha": 8})
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trained and all("language_model" in n and "lora_" in n for n in trained)
+    trainer.train()

@@ -119,6 +119,9 @@ def image_placeholder(processor: Any) -> str:
     their image token in vision start/end markers)."""
     token = getattr(processor, "image_token", None) or "<image>"
     start, end = getattr(processor, "vision_start_token", None), getattr(processor, "vision_end_token", None)
+    vocab = processor.tokenizer.get_vocab()
+    if not (start and end) and token == "<|image_pad|>" and "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
+        start, end = "<|vision_start|>", "<|vision_end|>"  # Qwen2-VL's processors keep them in the template only
     if start and end:
         return f"{start}{token}{end}"
     return token
@@ -144,6 +147,7 @@ def multimodal_token_ids(processor: Any) -> set[int]:
             ids.add(value)
     ids.update(i for i in (getattr(processor, "row_col_ids", None) or []) if isinstance(i, int))
     vocab = tokenizer.get_vocab()
+    ids.update(tokenizer(image_placeholder(processor), add_special_tokens=False)["input_ids"])
     for attr in _MM_TOKEN_ATTRS:  # the strings too: a processor may read an id before its tokens were added
         token = getattr(processor, attr, None)
         if isinstance(token, str) and token in vocab:
@@ -192,17 +196,19 @@ def tokenize_vision_messages(
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask_u = _mask_from_spans([tuple(o) for o in enc["offset_mapping"]], spans)
     special = multimodal_token_ids(processor)
-    if images:
-        loaded = [load_image(im) for im in images]
-        expanded = list(processor(text=[text], images=_processor_images(processor, [loaded]),
-                                  add_special_tokens=False)["input_ids"][0])
-    else:
-        expanded = list(enc["input_ids"])
+    loaded = [load_image(im) for im in images]
+    processed = processor(text=[text], images=_processor_images(processor, [loaded]) if loaded else None,
+                          add_special_tokens=False)
+    expanded = list(processed["input_ids"][0])
     mask = _expand_mask(list(enc["input_ids"]), mask_u, expanded, special)
+    out = {"input_ids": expanded, "assistant_mask": mask, "image_mask": [int(t in special) for t in expanded]}
+    if "mm_token_type_ids" in processed:  # M-RoPE models (Qwen2-VL) place image tokens by it
+        out["mm_token_type_ids"] = [int(v) for v in processed["mm_token_type_ids"][0]]
     if prompt_messages is not None:  # the completion's end: drop what the template adds after its last turn
         last = max((t for t, m in enumerate(mask) if m), default=-1)
-        expanded, mask = expanded[: last + 1] if last >= 0 else expanded, mask[: last + 1] if last >= 0 else mask
-    return {"input_ids": expanded, "assistant_mask": mask, "image_mask": [int(t in special) for t in expanded]}
+        if last >= 0:
+            out = {k: (v[: last + 1] if isinstance(v, list) else v) for k, v in out.items()}
+    return out
 
 
 def _nested(processor: Any) -> bool:
@@ -217,8 +223,10 @@ def _processor_images(processor: Any, per_row: list[list[Any]]) -> Any:
 
 
 def vision_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """The image tensors of a batch (what the image processor returned), to pass on to the model's forward."""
-    return {k: v for k, v in batch.items() if k.startswith(("pixel_", "image_")) and k != "image_mask"}
+    """The image tensors of a batch (what the image processor returned) and the per-token `mm_token_type_ids`
+    some processors return, to pass on to the model's forward."""
+    return {k: v for k, v in batch.items()
+            if k.startswith(("pixel_", "image_")) and k != "image_mask" or k == "mm_token_type_ids"}
 
 
 class VisionCollator:

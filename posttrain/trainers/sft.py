@@ -156,11 +156,11 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         args: SFTConfig = self.args
         tok = self.tokenizer
-        images = None
+        images, extra = None, {}
         if info.kind == DatasetKind.TOKENIZED:
             input_ids, mask = _pretokenized(row, completion_only=args.completion_only_loss is not False)
         elif self.processor is not None and info.conversational:
-            input_ids, mask, images = self._tokenize_vision(row, info)
+            input_ids, mask, images, extra = self._tokenize_vision(row, info)
         elif info.kind == DatasetKind.PROMPT_COMPLETION:
             out = tokenize_prompt_completion(tok, row["prompt"], row["completion"], tools=row.get("tools"))
             input_ids = out["prompt_ids"] + out["completion_ids"]
@@ -185,11 +185,15 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
                 raise ValueError(f"a row with {len(images)} image(s) is longer than max_length={args.max_length}: "
                                  "cutting it would cut its image tokens apart from its pixels; raise max_length")
             out["images"] = images
+        for key, values in extra.items():  # per-token processor outputs (mm_token_type_ids), cut like the ids
+            out[key] = values[-len(input_ids):] if truncated and args.truncation_mode == "keep_end" else \
+                values[: len(input_ids)]
         return out
 
-    def _tokenize_vision(self, row: dict, info: FormatInfo) -> tuple[list[int], list[int], list[Any] | None]:
+    def _tokenize_vision(self, row: dict, info: FormatInfo) -> tuple[list[int], list[int], list[Any] | None, dict]:
         """A conversational row through the VLM's processor: image tokens expanded, never in the loss. Returns
-        the ids, the loss mask and the row's images (None when the dataset has no image column)."""
+        the ids, the loss mask, the row's images (None when the dataset has no image column) and the per-token
+        fields the processor adds (`mm_token_type_ids`)."""
         args: SFTConfig = self.args
         images = row_images(row) if info.image_column else []
         if info.kind == DatasetKind.PROMPT_COMPLETION:
@@ -204,7 +208,8 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
             mask = out["assistant_mask"]
         else:
             mask = [1 - m for m in out["image_mask"]]
-        return out["input_ids"], mask, (images if info.image_column else None)
+        extra = {k: out[k] for k in ("mm_token_type_ids",) if k in out}
+        return out["input_ids"], mask, (images if info.image_column else None), extra
 
     def check_format(self, info: FormatInfo) -> None:
         if info.image_column and self.processor is None:
