@@ -249,3 +249,20 @@ def test_lora_sft_on_a_vlm():
     trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trained and all("language_model" in n and "lora_" in n for n in trained)
     trainer.train()
+
+
+def test_packing_with_images_is_refused():
+    model, processor = build_tiny_vlm("vlm")
+    with pytest.raises(ValueError, match="packing=True with images"):
+        SFTTrainer(model, args=_args(packing=True, max_length=64), train_dataset=_rows(), processing_class=processor)
+
+
+def test_images_column_typed_even_when_the_first_write_batch_has_none():
+    """Arrow types a column from its first write batch (1000 rows): 1000 rows without an image then one with
+    must still keep it."""
+    from posttrain.data.vision import attach_images
+
+    source = datasets.Dataset.from_dict({"images": [[]] * 1000 + [[_img((1, 2, 3))]]})
+    tokenized = datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 1001})
+    out = attach_images(tokenized, source, "images")
+    assert out[0]["images"] == [] and out[1000]["images"][0].size == (16, 16)

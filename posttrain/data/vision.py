@@ -27,7 +27,7 @@ from .formats import DatasetFormatError
 from .templates import render_chat
 from .tokenization import _mask_from_spans, assistant_char_spans
 
-__all__ = ["IMAGE_COLUMNS", "PART_TYPES", "VisionCollator", "count_image_parts", "flatten_parts", "image_column",
+__all__ = ["IMAGE_COLUMNS", "PART_TYPES", "VisionCollator", "attach_images", "count_image_parts", "flatten_parts", "image_column",
            "image_placeholder", "is_processor", "load_image", "multimodal_token_ids", "row_images",
            "tokenize_vision_messages", "validate_images", "vision_inputs"]
 
@@ -220,6 +220,19 @@ def _processor_images(processor: Any, per_row: list[list[Any]]) -> Any:
     if _nested(processor):
         return per_row
     return [im for row in per_row for im in row]
+
+
+def attach_images(tokenized: Any, source: Any, column: str) -> Any:
+    """`tokenized` (row i made from `source` row i) with `source`'s images as an `images` column typed
+    `Sequence(Image())`. Why not let tokenization return them: Arrow infers a column's type from the first
+    write batch, and a batch whose rows all have no image types it `list<null>`, which later images cannot be
+    cast to."""
+    import datasets
+
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image())})
+    images = source.select_columns([column]).map(lambda row: {"images": row_images(row)}, remove_columns=[column],
+                                                 features=features, desc="Keeping the images")
+    return datasets.concatenate_datasets([tokenized, images], axis=1)
 
 
 def vision_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

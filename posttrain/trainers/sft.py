@@ -26,7 +26,8 @@ from transformers.trainer_utils import EvalPrediction
 from ..data import DatasetFormatError, DatasetKind, FormatInfo, PaddingCollator, PaddingFreeCollator, load_any, load_held_out
 from ..data.packing import pack_wrapped, split_long_rows
 from ..data.streaming import is_stream
-from ..data.vision import VisionCollator, row_images, tokenize_vision_messages, vision_inputs
+from ..data.vision import (VisionCollator, attach_images, image_column, row_images, tokenize_vision_messages,
+                           vision_inputs)
 from ..models import uses_mrope
 from ..data import pack_dataset, tokenize_messages, tokenize_prompt_completion, tokenize_text, validate_dataset
 from ..losses.sft import sft_loss
@@ -184,7 +185,8 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
             if truncated and images:
                 raise ValueError(f"a row with {len(images)} image(s) is longer than max_length={args.max_length}: "
                                  "cutting it would cut its image tokens apart from its pixels; raise max_length")
-            out["images"] = images
+            if not getattr(self, "_defer_images", False):
+                out["images"] = images
         for key, values in extra.items():  # per-token processor outputs (mm_token_type_ids), cut like the ids
             out[key] = values[-len(input_ids):] if truncated and args.truncation_mode == "keep_end" else \
                 values[: len(input_ids)]
@@ -215,6 +217,10 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         if info.image_column and self.processor is None:
             raise ValueError(f"the dataset has images (an {info.image_column!r} column) but processing_class is a "
                              "tokenizer: pass the model's processor (AutoProcessor) to read them")
+        if info.image_column and self.args.packing:
+            raise ValueError("packing=True with images is not supported yet: packed rows would mix images of several "
+                             "examples; train with packing=False (padding_free=True still avoids padding where the "
+                             "model's position ids allow it)")
         if info.image_column and not info.conversational:
             raise ValueError("images go with conversational rows (content parts {'type': 'image'}); this dataset "
                              "holds plain text")
@@ -298,7 +304,16 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
     def prepare_dataset(self, dataset: Any, name: str):
         if is_stream(dataset):
             return super().prepare_dataset(dataset, name)
-        tokenized = super().prepare_dataset(self.text_dataset(dataset, name), name)
+        text = self.text_dataset(dataset, name)
+        column = image_column(text.column_names) if self.processor is not None else None
+        self._defer_images = column is not None  # attached typed after tokenization (see attach_images)
+        try:
+            tokenized = super().prepare_dataset(text, name)
+        finally:
+            self._defer_images = False
+        if column is not None:
+            tokenized = attach_images(tokenized, load_held_out(text) if name.startswith("eval") else load_any(text),
+                                      column)
         # The first token of every sequence has no prediction, so a mask set only there trains nothing.
         keep = [any(mask[1:]) for mask in tokenized.with_format("arrow")["completion_mask"].to_pylist()]
         tokenized = self.drop_rows_without_loss(tokenized, name, keep, EMPTY_ROW_REASON)
