@@ -266,3 +266,20 @@ def test_images_column_typed_even_when_the_first_write_batch_has_none():
     tokenized = datasets.Dataset.from_dict({"input_ids": [[1, 2]] * 1001})
     out = attach_images(tokenized, source, "images")
     assert out[0]["images"] == [] and out[1000]["images"][0].size == (16, 16)
+
+
+def test_prompt_completion_with_images_and_eval():
+    """Conversational prompt-completion rows with images: the loss on the completion only; eval runs on images."""
+    torch.set_num_threads(1)
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]}],
+             "completion": [{"role": "assistant", "content": [{"type": "text", "text": c}]}],
+             "images": [_img(rgb, size)]}
+            for c, rgb, size in [("red", (255, 0, 0), (16, 16)), ("blue", (0, 0, 255), (30, 20))]]
+    model, processor = build_tiny_vlm("vlm-idefics3")
+    trainer = SFTTrainer(model, args=_args(max_steps=2), train_dataset=rows, eval_dataset=rows,
+                         processing_class=processor)
+    tok = processor.tokenizer
+    row = trainer.train_dataset[1]
+    assert tok.decode([i for i, m in zip(row["input_ids"], row["completion_mask"]) if m]) == "blue<|im_end|>"
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
