@@ -283,3 +283,11 @@ def test_prompt_completion_with_images_and_eval():
     assert tok.decode([i for i, m in zip(row["input_ids"], row["completion_mask"]) if m]) == "blue<|im_end|>"
     trainer.train()
     assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
+
+
+def test_streamed_images_are_refused_clearly():
+    rows = _rows()
+    stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
+    model, processor = build_tiny_vlm("vlm")
+    with pytest.raises(ValueError, match="streamed datasets with images are not supported yet"):
+        SFTTrainer(model, args=_args(max_steps=1), train_dataset=stream, processing_class=processor)

@@ -260,6 +260,9 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         return rename
 
     def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
+        if info.image_column:
+            raise ValueError(f"{name}: streamed datasets with images are not supported yet; load the dataset "
+                             "(not streaming=True) to train on images")
         if self.args.packing and self.args.max_length is None:
             raise ValueError("packing=True needs max_length (the length of a packed row)")
         return {"keep": lambda row: any(row["completion_mask"][1:]),
