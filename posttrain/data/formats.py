@@ -74,6 +74,7 @@ class FormatInfo:
     kind: DatasetKind
     conversational: bool
     implicit_prompt: bool = False
+    image_column: str | None = None  # vision data: the column holding each row's images ('images' or 'image')
 
 
 class DatasetFormatError(ValueError):
@@ -163,7 +164,8 @@ def _detect(table: _Table) -> FormatInfo:
         return FormatInfo(kind, conversational=False)
     key = _sequence_fields(kind, table.names, implicit)[0]
     first = next((v for v in table.column(key) if v is not None and v is not _MISSING), None)
-    return FormatInfo(kind, conversational=isinstance(first, list), implicit_prompt=implicit)
+    images = next((c for c in ("images", "image") if c in table.names), None)
+    return FormatInfo(kind, conversational=isinstance(first, list), implicit_prompt=implicit, image_column=images)
 
 
 def detect_format(dataset: Any) -> FormatInfo:
@@ -188,8 +190,24 @@ def _check_messages(row: int, field: str, value: Any) -> None:
             if msg.get("tool_calls"):  # an assistant turn that only calls tools has no content
                 continue
             raise _fail(row, f"{where}.content", "a string", content)
-        if not isinstance(content, str):
-            raise _fail(row, f"{where}.content", "a string", content)
+        if isinstance(content, list):
+            _check_parts(row, f"{where}.content", content)
+        elif not isinstance(content, str):
+            raise _fail(row, f"{where}.content", "a string or a list of content parts", content)
+
+
+def _check_parts(row: int, field: str, parts: list) -> None:
+    """Content given as parts (vision data): `{"type": "text", "text": str}` or `{"type": "image"}`."""
+    for k, part in enumerate(parts):
+        where = f"{field}[{k}]"
+        if not isinstance(part, Mapping):
+            raise _fail(row, where, "a content part dict with a 'type'", part)
+        kind = part.get("type", _MISSING)
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise _fail(row, f"{where}.text", "a string (a text part's text)", part.get("text", _MISSING))
+        elif kind != "image":
+            raise _fail(row, f"{where}.type", "'text' or 'image' (a content part's type)", kind)
 
 
 def _check_sequence(row: int, field: str, value: Any, conversational: bool) -> None:
@@ -282,6 +300,7 @@ def _validate_rows(table: _Table, info: FormatInfo) -> None:
     for field in fields:
         for i, value in enumerate(table.column(field)):
             _check_sequence(i, field, value, info.conversational)
+    _check_images(table, fields)
     if info.kind is DatasetKind.UNPAIRED_PREFERENCE:
         for i, label in enumerate(table.column("label")):
             if not _is_bool(label):
@@ -293,6 +312,23 @@ def _validate_rows(table: _Table, info: FormatInfo) -> None:
         for i, (chosen, rejected) in enumerate(zip(table.column("chosen"), table.column("rejected"))):
             if not split_implicit_prompt({"chosen": chosen, "rejected": rejected})["prompt"]:
                 raise _fail(i, "chosen", "chosen and rejected to share their leading prompt messages", chosen[0])
+
+
+def _check_images(table: _Table, fields: list[str]) -> None:
+    """Vision rows: every image opens and each row has as many images as image parts (see `vision`). A dataset
+    with image parts and no image column fails on its first such row."""
+    from .vision import count_image_parts, image_column, validate_images
+
+    column = image_column(table.names)
+    conversations = list(zip(*(table.column(f) for f in fields)))
+    if column is None:
+        for i, convs in enumerate(conversations):
+            if sum(count_image_parts(c) for c in convs):
+                raise DatasetFormatError(f"row {i}, field '{fields[0]}': the messages have image parts but the "
+                                         "dataset has no 'images' (or 'image') column")
+        return
+    values = [None if v is _MISSING else v for v in table.column(column)]
+    validate_images(values, conversations, column)
 
 
 def validate_dataset(dataset: Any, accepted: Sequence[DatasetKind] | None = None) -> FormatInfo:

@@ -26,8 +26,9 @@ from transformers import (
 from .pretrained import pretrained_folder
 from .tiny import _tokenizer_vocab, build_tiny, tiny_config
 from .tokenizer import build_tokenizer
+from .vlm import build_tiny_vlm, is_vlm_spec, tiny_vlm_processor
 
-__all__ = ["TASKS", "default_dtype", "load_model", "load_tokenizer", "resolve_dtype"]
+__all__ = ["TASKS", "default_dtype", "load_model", "load_processing_class", "load_tokenizer", "resolve_dtype"]
 
 TASKS = {
     "causal-lm": AutoModelForCausalLM,
@@ -99,7 +100,11 @@ def _load_tiny(spec: str, dtype: Any, task: str, num_labels: int, model_kwargs: 
             model.save_pretrained(tmp)
             extra = {} if task == "causal-lm" else {"num_labels": num_labels}
             return TASKS[task].from_pretrained(tmp, dtype=dtype, **extra, **model_kwargs)
-    if task == "causal-lm":
+    if is_vlm_spec(spec):
+        if task != "causal-lm":
+            raise ValueError(f"tiny:{spec} is a vision-language model: task must be 'causal-lm', got {task!r}")
+        model, _ = build_tiny_vlm(spec, seed=seed)
+    elif task == "causal-lm":
         model, _ = build_tiny(spec, seed=seed)
     else:
         tokenizer = build_tokenizer(_tokenizer_vocab(spec))
@@ -172,14 +177,50 @@ def load_model(
             f"model path {name!r} is not a folder (looked for {local.resolve()}). Pass a folder written by "
             f"save_pretrained, a hub name, or a built-in spec. {_OFFLINE_HINT}"
         )
+    auto = TASKS[task]
+    if task == "causal-lm" and _is_vlm_checkpoint(name, model_kwargs):
+        from transformers import AutoModelForImageTextToText
+
+        auto = AutoModelForImageTextToText
     try:
-        loaded = TASKS[task].from_pretrained(name, dtype=resolved, **model_kwargs)
+        loaded = auto.from_pretrained(name, dtype=resolved, **model_kwargs)
     except OSError as err:
         where = "local folder" if local.is_dir() else f"no local folder {local.resolve()}, then the model hub"
         raise OSError(f"could not load model {name!r} (tried: {where}): {_reason(err)}. {_OFFLINE_HINT}") from err
     if task != "causal-lm" and loaded.config.pad_token_id is None:
         _set_pad_from_tokenizer(loaded, name, model_kwargs)
     return loaded
+
+
+def _is_vlm_checkpoint(name: str, model_kwargs: dict[str, Any]) -> bool:
+    """True when the checkpoint's config is a vision-language model's (it has a `vision_config`): it loads
+    through `AutoModelForImageTextToText`, whose classes take images. A config that cannot be read is not."""
+    from transformers import AutoConfig
+
+    keys = ("revision", "trust_remote_code", "local_files_only", "cache_dir", "token", "subfolder")
+    try:
+        config = AutoConfig.from_pretrained(name, **{k: v for k, v in model_kwargs.items() if k in keys})
+    except (OSError, ValueError):
+        return False
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processing_class(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """The processing class for a model name: a VLM's processor (`tiny:vlm*` or a checkpoint whose config is a
+    VLM's, through `AutoProcessor`), else the tokenizer (`load_tokenizer`)."""
+    name = os.fspath(name_or_path)
+    if name.startswith("tiny:"):
+        spec = name[len("tiny:"):]
+        return tiny_vlm_processor(spec) if is_vlm_spec(spec) else load_tokenizer(name, **kwargs)
+    resolved = str(pretrained_folder(name) or name)
+    if _is_vlm_checkpoint(resolved, kwargs):
+        from transformers import AutoProcessor
+
+        try:
+            return AutoProcessor.from_pretrained(resolved, **kwargs)
+        except OSError as err:
+            raise OSError(f"could not load the processor of {name!r}: {_reason(err)}. {_OFFLINE_HINT}") from err
+    return load_tokenizer(name, **kwargs)
 
 
 def _set_pad_from_tokenizer(model: PreTrainedModel, name: str, model_kwargs: dict[str, Any]) -> None:
@@ -196,7 +237,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrained
     AutoTokenizer. A tokenizer with no pad token gets its eos token as pad."""
     name = os.fspath(name_or_path)
     if name.startswith("tiny:"):
-        return build_tokenizer(_tokenizer_vocab(name[len("tiny:"):]))
+        spec = name[len("tiny:"):]
+        if is_vlm_spec(spec):
+            return tiny_vlm_processor(spec).tokenizer
+        return build_tokenizer(_tokenizer_vocab(spec))
     name = str(pretrained_folder(name) or name)
     local = Path(name).expanduser()
     if not local.is_dir() and (_looks_like_path(name) or local.exists()):

@@ -8,6 +8,7 @@ reference policy: `adapters_disabled(model)` runs it without a second copy of th
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -87,7 +88,29 @@ def apply_peft(
     elif gradient_checkpointing and hasattr(base, "enable_input_require_grads"):
         # checkpointed blocks need a grad-requiring input even though the embeddings are frozen
         base.enable_input_require_grads()
+    _language_model_only(base, config)
     return get_peft_model(base, config)
+
+
+def _language_model_only(model: torch.nn.Module, config: PeftConfig) -> None:
+    """On a vision-language model, adapters go on the language model only (TRL's VLM recipes do the same): a
+    `target_modules` given as names or "all-linear" becomes a regex over the language model's modules of those
+    names (its linear layers, for "all-linear"; never the output head). A regex string is the user's own and
+    is kept."""
+    from .vlm import is_vlm, language_model_prefix
+
+    targets = getattr(config, "target_modules", None)
+    if not is_vlm(model) or targets is None or (isinstance(targets, str) and targets != "all-linear"):
+        return
+    prefix = language_model_prefix(model)
+    if targets == "all-linear":
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if n.startswith(prefix + ".") and isinstance(m, torch.nn.Linear)})
+    else:
+        names = sorted(set(targets))
+    if not names:
+        return
+    config.target_modules = rf"{re.escape(prefix)}\..*\.({'|'.join(re.escape(n) for n in names)})"
 
 
 @contextlib.contextmanager

@@ -27,8 +27,9 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..data import DatasetKind, FormatInfo, load_any, load_held_out, trainer_tokenizer, validate_dataset
+from ..data.vision import is_processor
 from ..data.streaming import TokenizedStream, is_stream, require_max_steps, stream_format
-from ..models import apply_peft, is_peft_model, load_model, load_tokenizer
+from ..models import apply_peft, freeze_vision, is_peft_model, load_model, load_processing_class
 from ..ops.attention import use_varlen_attention
 from ..ops.fast_paths import cpu_bf16_is_fast, cpu_fast_paths, head_precision
 from ..ops.memory import tune_cpu_allocator
@@ -98,6 +99,11 @@ class PostTrainConfig(TRLSharedFields, TrainingArguments):
                   "(the full [batch, length, vocab] logits are never held). None: about 32 MiB of logits per chunk."},
     )
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for dataset tokenization."})
+    freeze_vision_tower: bool = field(default=False, metadata={"help": (
+        "Vision-language models: train no parameter of the vision tower (the image encoder).")})
+    freeze_projector: bool = field(default=False, metadata={"help": (
+        "Vision-language models: train no parameter of the projector between the vision tower and the language "
+        "model.")})
     # Overridden TrainingArguments defaults.
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps (or a ratio of all steps if < 1)."})
     remove_unused_columns: bool = field(
@@ -185,11 +191,12 @@ class PostTrainer(Trainer):
         seed_run(args)  # before the model, its adapters or its heads are built (TRL order)
         self.model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         model = self.load_model(model, args)
+        self._model_config = getattr(model, "config", None)
         if getattr(args, "disable_dropout", False):
             disable_dropout_in_model(model)
         if processing_class is None:
             tok_kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
-            processing_class = load_tokenizer(self.model_id or model.name_or_path, **tok_kwargs)
+            processing_class = load_processing_class(self.model_id or model.name_or_path, **tok_kwargs)
         # A copy where the pad token or the chat template must change: the caller's object is never modified.
         template = args.chat_template if args.chat_template_path is None else read_chat_template_path(
             args.chat_template_path)
@@ -198,10 +205,16 @@ class PostTrainer(Trainer):
             processing_class = copy.deepcopy(processing_class)
             apply_token_fields(getattr(processing_class, "tokenizer", processing_class), args.pad_token, args.eos_token)
         processing_class, self.tokenizer = trainer_tokenizer(processing_class, template)
+        # A VLM's processor (its tokenizer is self.tokenizer): tokenization expands image tokens through it.
+        self.processor = processing_class if is_processor(processing_class) else None
         self._warn_inapplicable_fields(args, model)
         if args.padding_free or getattr(args, "packing", False):
             # Padding-free rows on SDPA/eager: per-sequence attention instead of a dense [T, T] block mask.
             use_varlen_attention(model)
+        if args.freeze_vision_tower or args.freeze_projector:
+            frozen = freeze_vision(model, tower=args.freeze_vision_tower, projector=args.freeze_projector)
+            logger.info("froze %d vision parameters (tower: %s, projector: %s)", frozen, args.freeze_vision_tower,
+                        args.freeze_projector)
         peft_config = self.prepare_peft_config(model, args, peft_config)
         if peft_config is not None:
             model = apply_peft(model, peft_config)

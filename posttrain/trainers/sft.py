@@ -26,6 +26,9 @@ from transformers.trainer_utils import EvalPrediction
 from ..data import DatasetFormatError, DatasetKind, FormatInfo, PaddingCollator, PaddingFreeCollator, load_any, load_held_out
 from ..data.packing import pack_wrapped, split_long_rows
 from ..data.streaming import is_stream
+from ..data.vision import (VisionCollator, attach_images, image_column, row_images, tokenize_vision_messages,
+                           vision_inputs)
+from ..models import uses_mrope
 from ..data import pack_dataset, tokenize_messages, tokenize_prompt_completion, tokenize_text, validate_dataset
 from ..losses.sft import sft_loss
 from ..ops import token_logps
@@ -104,8 +107,11 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
     def tokenize_row(self, row: dict, info: FormatInfo) -> dict:
         args: SFTConfig = self.args
         tok = self.tokenizer
+        images, extra = None, {}
         if info.kind == DatasetKind.TOKENIZED:
             input_ids, mask = _pretokenized(row, completion_only=args.completion_only_loss is not False)
+        elif self.processor is not None and info.conversational:
+            input_ids, mask, images, extra = self._tokenize_vision(row, info)
         elif info.kind == DatasetKind.PROMPT_COMPLETION:
             out = tokenize_prompt_completion(tok, row["prompt"], row["completion"], tools=row.get("tools"))
             input_ids = out["prompt_ids"] + out["completion_ids"]
@@ -124,9 +130,50 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
             input_ids, mask = input_ids[-args.max_length:], mask[-args.max_length:]
         elif truncated:
             input_ids, mask = input_ids[: args.max_length], mask[: args.max_length]
-        return {"input_ids": input_ids, "completion_mask": mask, "truncated": truncated}
+        out = {"input_ids": input_ids, "completion_mask": mask, "truncated": truncated}
+        if images is not None:
+            if truncated and images:
+                raise ValueError(f"a row with {len(images)} image(s) is longer than max_length={args.max_length}: "
+                                 "cutting it would cut its image tokens apart from its pixels; raise max_length")
+            if not getattr(self, "_defer_images", False):
+                out["images"] = images
+        for key, values in extra.items():  # per-token processor outputs (mm_token_type_ids), cut like the ids
+            out[key] = values[-len(input_ids):] if truncated and args.truncation_mode == "keep_end" else \
+                values[: len(input_ids)]
+        return out
+
+    def _tokenize_vision(self, row: dict, info: FormatInfo) -> tuple[list[int], list[int], list[Any] | None, dict]:
+        """A conversational row through the VLM's processor: image tokens expanded, never in the loss. Returns
+        the ids, the loss mask, the row's images (None when the dataset has no image column) and the per-token
+        fields the processor adds (`mm_token_type_ids`)."""
+        args: SFTConfig = self.args
+        images = row_images(row) if info.image_column else []
+        if info.kind == DatasetKind.PROMPT_COMPLETION:
+            prompt = list(row["prompt"])
+            out = tokenize_vision_messages(self.processor, prompt + list(row["completion"]), images,
+                                           tools=row.get("tools"), prompt_messages=len(prompt))
+            completion_only = args.completion_only_loss is not False
+        else:
+            out = tokenize_vision_messages(self.processor, row["messages"], images, tools=row.get("tools"))
+            completion_only = args.assistant_only_loss
+        if completion_only:
+            mask = out["assistant_mask"]
+        else:
+            mask = [1 - m for m in out["image_mask"]]
+        extra = {k: out[k] for k in ("mm_token_type_ids",) if k in out}
+        return out["input_ids"], mask, (images if info.image_column else None), extra
 
     def check_format(self, info: FormatInfo) -> None:
+        if info.image_column and self.processor is None:
+            raise ValueError(f"the dataset has images (an {info.image_column!r} column) but processing_class is a "
+                             "tokenizer: pass the model's processor (AutoProcessor) to read them")
+        if info.image_column and self.args.packing:
+            raise ValueError("packing=True with images is not supported yet: packed rows would mix images of several "
+                             "examples; train with packing=False (padding_free=True still avoids padding where the "
+                             "model's position ids allow it)")
+        if info.image_column and not info.conversational:
+            raise ValueError("images go with conversational rows (content parts {'type': 'image'}); this dataset "
+                             "holds plain text")
         if self.args.assistant_only_loss and info.kind is DatasetKind.LANGUAGE_MODELING and not info.conversational:
             raise ValueError("assistant_only_loss=True needs conversational data (a 'messages' column); this "
                              "dataset holds plain text, which has no assistant turns")
@@ -163,6 +210,9 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         return rename
 
     def stream_options(self, info: FormatInfo, name: str) -> dict[str, Any]:
+        if info.image_column:
+            raise ValueError(f"{name}: streamed datasets with images are not supported yet; load the dataset "
+                             "(not streaming=True) to train on images")
         if self.args.packing and self.args.max_length is None:
             raise ValueError("packing=True needs max_length (the length of a packed row)")
         return {"keep": lambda row: any(row["completion_mask"][1:]),
@@ -197,7 +247,16 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
     def prepare_dataset(self, dataset: Any, name: str):
         if is_stream(dataset):
             return super().prepare_dataset(dataset, name)
-        tokenized = super().prepare_dataset(self.text_dataset(dataset, name), name)
+        text = self.text_dataset(dataset, name)
+        column = image_column(text.column_names) if self.processor is not None else None
+        self._defer_images = column is not None  # attached typed after tokenization (see attach_images)
+        try:
+            tokenized = super().prepare_dataset(text, name)
+        finally:
+            self._defer_images = False
+        if column is not None:
+            tokenized = attach_images(tokenized, load_held_out(text) if name.startswith("eval") else load_any(text),
+                                      column)
         # The first token of every sequence has no prediction, so a mask set only there trains nothing.
         keep = [any(mask[1:]) for mask in tokenized.with_format("arrow")["completion_mask"].to_pylist()]
         tokenized = self.drop_rows_without_loss(tokenized, name, keep, EMPTY_ROW_REASON)
@@ -218,9 +277,18 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
 
     def make_collator(self) -> Any:
         pad_id = self.tokenizer.pad_token_id
-        if self.args.padding_free or self.args.packing:
-            return PaddingFreeCollator(pad_to_multiple_of=self.args.pad_to_multiple_of, pad_token_id=pad_id)
-        return PaddingCollator(pad_token_id=pad_id, pad_to_multiple_of=self.args.pad_to_multiple_of)
+        flat = self.args.padding_free or self.args.packing
+        if flat and self.processor is not None and uses_mrope(self._model_config):
+            if self.args.packing:
+                raise ValueError("packing=True: this model computes M-RoPE position ids from its images, which "
+                                 "packed rows cannot give it; train with packing=False")
+            logger.info("padded batches: this model's M-RoPE position ids cannot be given padding-free")
+            flat = False
+        if flat:
+            collator = PaddingFreeCollator(pad_to_multiple_of=self.args.pad_to_multiple_of, pad_token_id=pad_id)
+        else:
+            collator = PaddingCollator(pad_token_id=pad_id, pad_to_multiple_of=self.args.pad_to_multiple_of)
+        return VisionCollator(self.processor, collator) if self.processor is not None else collator
 
     # ------------------------------------------------------------------------------------------ loss
     def count_loss_items(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -242,6 +310,7 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
             with_entropy=self.args.log_entropy,
             with_argmax=True,
             chunk_size=self.args.logits_chunk_size,
+            **vision_inputs(inputs),
         )
         mask = out.mask if getattr(out, "mask", None) is not None else mask
         # Token mean over the optimizer step's completion tokens (all micro-batches, all processes).
@@ -268,7 +337,7 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         loss tokens."""
         labels = inputs["input_ids"].masked_fill(~inputs["completion_mask"].bool(), -100)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        position_ids=inputs.get("position_ids"), use_cache=False)
+                        position_ids=inputs.get("position_ids"), use_cache=False, **vision_inputs(inputs))
         loss = self._user_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
@@ -281,12 +350,14 @@ class SFTTrainer(LossItemsMixin, PostTrainer):
         ids = inputs["input_ids"]
         labels = ids.masked_fill(~inputs["completion_mask"].bool(), -100)
         if "seq_lens" not in inputs:
-            logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), use_cache=False,
+                           **vision_inputs(inputs)).logits
             return logits, labels
         if self.args.packing:
             raise ValueError("compute_metrics and predict() need one row per example, but packing=True packs "
                              "several examples per row; evaluate without packing (packing=False)")
-        logits = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False).logits[0]
+        logits = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False,
+                       **vision_inputs(inputs)).logits[0]
         lengths = [int(n) for n in inputs["seq_lens"]]
         return _rows(logits, lengths), _rows(labels[0], lengths)
 
