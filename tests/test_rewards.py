@@ -341,7 +341,8 @@ def test_every_builtin_name_resolves_generic_and_task_rewards():
     from posttrain.online.rewards.compose import reward_func_name
     from posttrain.tasks.rewards import TASK_REWARDS
 
-    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "length", "soft_overlong", "think_format"}
+    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "length", "soft_overlong", "think_format", "cosine_scaled",
+                                    "repetition_penalty"}
     assert set(TASK_REWARDS) == {"arithmetic", "arithmetic_format", "arithmetic_steps"}
     assert builtin_names() == sorted([*BUILTIN_REWARDS, *TASK_REWARDS])
     for name in builtin_names():

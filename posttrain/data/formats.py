@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import datasets
 
+from .errors import DatasetFormatError
+
 ROLES = ("system", "user", "assistant", "tool")
 _MISSING = object()
 _SEQ = "a string or a list of messages"
@@ -75,10 +77,6 @@ class FormatInfo:
     conversational: bool
     implicit_prompt: bool = False
     image_column: str | None = None  # vision data: the column holding each row's images ('images' or 'image')
-
-
-class DatasetFormatError(ValueError):
-    """A dataset (or one of its rows) does not match the format a method needs."""
 
 
 class _Table:
@@ -317,7 +315,7 @@ def _validate_rows(table: _Table, info: FormatInfo) -> None:
 def _check_images(table: _Table, fields: list[str]) -> None:
     """Vision rows: every image opens and each row has as many images as image parts (see `vision`). A dataset
     with image parts and no image column fails on its first such row."""
-    from .vision import count_image_parts, image_column, validate_images
+    from .images import count_image_parts, image_column, validate_images
 
     column = image_column(table.names)
     conversations = list(zip(*(table.column(f) for f in fields)))
