@@ -119,7 +119,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         rows = min(chunk_size, hs.shape[0])
         head_s = PackedLinear(ws_c, rows, bs_c, matmul_dtype=mdt)
         head_t = PackedLinear(wt_c, rows, bt_c, matmul_dtype=mdt)
-        ws_m, wt_m = (ws_c.to(mdt), wt_c.to(mdt)) if mdt is not None else (ws_c, wt_c)
+        ws_m, wt_m = (head_s.low, head_t.low) if mdt is not None else (ws_c, wt_c)  # the heads' bf16 copies
         for s in range(0, hs.shape[0], chunk_size):
             e = min(s + chunk_size, hs.shape[0])
             ls = _chunk_logits(hs[s:e], head_s, temperature).sub_(lse_s[s:e, None])

@@ -189,7 +189,6 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         t, n, cdt, mdt = ctx.temperature, hidden.shape[0], lse.dtype, ctx.matmul_dtype
         weight_c = weight.to(cdt)
-        weight_m = weight_c.to(mdt) if mdt is not None else weight_c  # the products' copy, cast once
         bias_c = bias.to(cdt) if bias is not None else None
         if g_ent is not None and g_ent.numel() == 0:
             g_ent = None
@@ -200,6 +199,8 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         # probabilities into the gradient in place, then one whole-batch matmul per input follows.
         per_chunk = kept is None
         head = PackedLinear(weight_c, min(ctx.chunk_size, n), bias_c, matmul_dtype=mdt) if per_chunk else None
+        # the products' low-precision copy of the weight, cast once (the recomputing head's own, when it has one)
+        weight_m = weight_c if mdt is None else head.low if head is not None else weight_c.to(mdt)
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h and per_chunk else None
         grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w and per_chunk else None
         grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if need_b and per_chunk else None
